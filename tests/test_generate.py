@@ -1,4 +1,5 @@
-"""KV-cache generation: parity with transformers' generate, cached vs full logits, sampling, CLI."""
+"""KV-cache generation: parity with transformers' generate, cached vs full logits, sampling, fixed steps, CLI,
+tensor-parallel CLI."""
 
 from __future__ import annotations
 
@@ -208,3 +209,51 @@ def test_cli_on_tiny_checkpoint(tmp_path, capsys):
     again = gen_module.main(argv + ["--raw", "--temperature", "0.9", "--top-p", "0.9", "--top-k", "20",
                                     "--seed", "3"])
     assert sampled.token_ids == again.token_ids
+
+
+def test_fixed_steps_runs_every_decode_step(models):
+    """FSDP needs the same number of forward passes on every rank: fixed_steps keeps decoding after all rows stop."""
+    _, model = models
+    prompts = _prompts()
+    first = [ids[0] for ids in generate(model, prompts, max_new_tokens=1).token_ids]
+    calls = []
+    handle = model.layers["0"].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        early = generate(model, prompts, max_new_tokens=6, eos_token_ids=first)
+        assert len(calls) == 1  # the prefill only: every row ended with its first token
+        calls.clear()
+        fixed = generate(model, prompts, max_new_tokens=6, eos_token_ids=first, fixed_steps=True)
+        assert len(calls) == 6  # prefill + 5 decode steps
+    finally:
+        handle.remove()
+    assert fixed.token_ids == early.token_ids == [[t] for t in first]
+    assert fixed.finish_reasons == ["eos"] * len(prompts)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_cli_matches_single_process(tmp_path):
+    """torchrun, 2 gloo ranks: the VLM's language model split in two gives the 1-process greedy tokens."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.eval.benchmark_inputs import image, tiny_vlm_checkpoint
+    from tests.utils import REPO, run_env
+    from titanmm import generate as gen_module
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two shared cores: competing OpenMP threads slow a tiny model down many times
+    try:
+        checkpoint = tiny_vlm_checkpoint(tmp_path / "ckpt")
+        image(3, (80, 40)).save(tmp_path / "chart.png")
+        argv = ["--checkpoint", str(checkpoint), "--prompt", "Hello there, what is in", "--prompt", "Hi",
+                "--image", str(tmp_path / "chart.png"), "--max-new-tokens", "12", "--device", "cpu", "--dtype", "fp32"]
+        single = gen_module.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "titanmm.generate", *argv, "--output-json", str(tmp_path / "tp2.json")]
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    tp2 = json.loads((tmp_path / "tp2.json").read_text())
+    assert tp2["token_ids"] == single.token_ids and tp2["texts"] == single.texts

@@ -106,13 +106,13 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     (["--training.stepz=3"], "unknown key training.stepz"),
     (["--training.steps=three"], "training.steps: expected an integer"),
     (["--parallelism.tensor_parallel_degree=3"], "world size 1 is not divisible"),
-    (["--parallelism.pipeline_parallel_degree=2"], "parallelism.pipeline_parallel_degree = 2"),
+    (["--parallelism.pipeline_parallel_degree=2"], "pipeline_parallel_degree * context_parallel_degree = 2"),
     (["--parallelism.context_parallel_degree=2"], "parallelism.context_parallel_degree = 2"),
     (["--model.flavor=llama9_1t"], "model.flavor = 'llama9_1t'"),
     (["--training.seq_len=4096"], "training.seq_len = 4096 exceeds"),
     (["--training.global_batch_size=12"], "training.global_batch_size = 12"),
     (["--activation_checkpoint.mode=most"], "activation_checkpoint.mode = 'most'"),
-    (["--model.name=vlm", "--model.flavor=debug_vlm"], "vision-language models train on mock"),
+    (["--model.name=vlm", "--model.flavor=debug_vlm"], "training.dataset = 'shipped' does not exist"),
     (["--model.name=clip"], "model.name = 'clip'"),
 ])
 def test_config_errors_name_the_key(overrides, message, capsys):

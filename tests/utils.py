@@ -35,8 +35,8 @@ def run_env() -> dict[str, str]:
 
 
 def run_training(nproc: int, dump_folder: Path, overrides: list[str], expect_ok: bool = True,
-                 timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_command(nproc, dump_folder, overrides), cwd=REPO, env=run_env(),
+                 timeout: int = 600, config: Path = DEBUG_CONFIG) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_command(nproc, dump_folder, overrides, config=config), cwd=REPO, env=run_env(),
                           capture_output=True, text=True, timeout=timeout)
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"training failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")

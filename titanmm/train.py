@@ -26,17 +26,22 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
+from eval.online import OnlineEval
 from titanmm.checkpoint.manager import CheckpointManager
 from titanmm.checkpoint.states import ModelState, OptimizerState, SchedulerState, TrainState
 from titanmm.config import JobConfig, load_config
 from titanmm.config.loader import ConfigError, format_config, language_model_args, parse_args
 from titanmm.data import IGNORE_INDEX, StepBatcher, build_text_data, build_tokenizer
-from titanmm.data.mock_multimodal import MockMultimodalDataset
+from titanmm.data.vlm_data import VLMData, build_vlm_data, tiles_by_sample
 from titanmm.distributed import all_reduce, init_distributed
 from titanmm.metrics import MetricsLogger
 from titanmm.models import get_model_spec
+from titanmm.models.vlm.freeze import freeze
 from titanmm.optim import build_lr_scheduler, build_optimizer, clip_grad_norm_
 from titanmm.parallel import PARALLELIZE_FNS, ParallelDims
+from titanmm.parallel.context_parallel import context_parallel_micro_batch, image_feature_index
+from titanmm.parallel.float8 import convert_to_float8, precompute_scales, register_scale_precompute
+from titanmm.parallel.pipeline import build_schedule, split_model
 from titanmm.utils.signals import PreemptionHandler
 
 logger = logging.getLogger("titanmm")
@@ -59,9 +64,23 @@ def model_args_for(config: JobConfig):
     else:
         args = spec.flavors[config.model.flavor]
     if config.model.n_layers:
-        lm = dataclasses.replace(language_model_args(args), n_layers=config.model.n_layers)
-        args = dataclasses.replace(args, lm=lm) if lm is not args else lm
+        base_lm = language_model_args(args)
+        lm = dataclasses.replace(base_lm, n_layers=config.model.n_layers)
+        args = lm if base_lm is args else dataclasses.replace(args, lm=lm)
     return spec, args
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
+                      weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of the token cross-entropies (labels IGNORE_INDEX do not count), each times its weight when given."""
+    if weights is None:
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+    token_losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=IGNORE_INDEX,
+                                   reduction="none")
+    if isinstance(token_losses, DTensor):  # loss parallel
+        token_losses = token_losses.full_tensor()
+    return (token_losses * weights.flatten()).sum()
 
 
 class Trainer:
@@ -72,21 +91,46 @@ class Trainer:
         self.rank, self.world_size, self.device = init_distributed()
         self.dims = ParallelDims.from_config(config.parallelism, self.world_size)
         self.dims.build_mesh(self.device.type)
+        if self.dims.cp > 1 and self.device.type != "cuda":
+            raise ConfigError("parallelism.context_parallel_degree > 1 needs GPUs: ring attention has no CPU kernels")
         torch.manual_seed(config.training.seed)
         if config.training.deterministic:
             torch.use_deterministic_algorithms(True)
         self.dump_folder = Path(config.job.dump_folder)
         self.dump_folder.mkdir(parents=True, exist_ok=True)
 
+        # The loss upcasts the [tokens, vocabulary] logits to float32: compiled, the cast fuses into the
+        # cross-entropy kernels instead of materialising a float32 copy (and its gradient) of the logits.
+        # With loss parallel the logits stay vocabulary-sharded DTensors, which the compiled loss does not take.
+        loss_parallel_on = self.dims.tp_enabled and config.parallelism.enable_loss_parallel
+        compile_loss = config.compile.enable and not loss_parallel_on
+        self.loss_fn = torch.compile(cross_entropy_sum) if compile_loss else cross_entropy_sum
+
         # Model: built on meta, parallelized, then materialised shard by shard and initialised.
         self.model_spec, self.model_args = model_args_for(config)
         self.lm_args = language_model_args(self.model_args)
         with torch.device("meta"):
             self.model = self.model_spec.model_cls(self.model_args)
-        PARALLELIZE_FNS[self.model_spec.name](self.model, self.dims, config, self.device.type)
-        self.model.to_empty(device=self.device)
-        self.model.init_weights(seed=config.training.seed, buffer_device=self.device)
-        self.model.train()
+        if config.float8.enable:  # before parallelism: TP / FSDP2 see the float8 linears
+            convert_to_float8(self.model, config.float8)
+        if config.model.freeze and freeze(self.model, config.model.freeze) == 0:  # before FSDP2 and the optimizer
+            raise ConfigError(f"model.freeze = {config.model.freeze} leaves no parameter to train")
+        # With pipeline parallelism each rank holds stages (copies of the model keeping their part of it)
+        # and `self.model` stays the whole model on the meta device: its shape, never run.
+        self.model_parts, self.pp_schedule = [self.model], None
+        if self.dims.pp > 1:
+            pp_stages, pp_num_stages = split_model(self.model, self.dims, config)
+            self.model_parts = list(pp_stages.values())
+        for part in self.model_parts:
+            PARALLELIZE_FNS[self.model_spec.name](part, self.dims, config, self.device.type)
+            part.to_empty(device=self.device)
+            part.init_weights(seed=config.training.seed, buffer_device=self.device)
+            part.train()
+        if self.dims.pp > 1:
+            self.pp_loss_scale = 1.0  # the step's loss normalisation, set by train_step
+            self.pp_schedule = build_schedule(pp_stages, pp_num_stages, self.lm_args, self.dims, config, self.device,
+                                              self._pipeline_loss)
+            self.pp_has_first_stage, self.pp_has_last_stage = 0 in pp_stages, pp_num_stages - 1 in pp_stages
 
         # Data: the global batch of a step is fixed; each dp rank takes its part of it.
         t = config.training
@@ -96,13 +140,17 @@ class Trainer:
         self.grad_accum_steps = global_batch // (t.local_batch_size * self.dp_degree)
         self.data = self._build_data()
 
-        self.optimizer = build_optimizer([self.model], config.optimizer)
-        self.scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, t.steps)
+        # One optimizer (and LR schedule) per model part: DCP maps optimizer state to names per module.
+        self.optimizers = [build_optimizer([part], config.optimizer) for part in self.model_parts]
+        for optimizer, part in zip(self.optimizers, self.model_parts):
+            register_scale_precompute(optimizer, [part], config.float8)
+        self.schedulers = [build_lr_scheduler(o, config.lr_scheduler, t.steps) for o in self.optimizers]
         self.train_state = TrainState()
         self.checkpoint = CheckpointManager(
             config.checkpoint, str(self.dump_folder),
-            states={"model": ModelState([self.model]), "optimizer": OptimizerState([self.model], [self.optimizer]),
-                    "lr_scheduler": SchedulerState([self.scheduler]), "dataloader": self.data,
+            states={"model": ModelState(self.model_parts),
+                    "optimizer": OptimizerState(self.model_parts, self.optimizers),
+                    "lr_scheduler": SchedulerState(self.schedulers), "dataloader": self.data,
                     "train_state": self.train_state},
             meta=dict(model_name=self.model_spec.name, model_args=self.model_args,
                       tokenizer=config.model.tokenizer_path))
@@ -110,7 +158,9 @@ class Trainer:
         if self.train_state.step == 0 and config.checkpoint.initial_load_hf:
             from titanmm.checkpoint.hf_load import load_hf_into_model
 
-            load_hf_into_model(self.model, config.checkpoint.initial_load_hf, progress=self.rank == 0)
+            for part in self.model_parts:
+                load_hf_into_model(part, config.checkpoint.initial_load_hf, progress=self.rank == 0)
+        precompute_scales(self.model_parts, config.float8)  # float8 scales of the loaded, not the initial, weights
 
         self.tokens_per_micro_batch = t.local_batch_size * t.seq_len
         self.metrics = MetricsLogger(config.metrics, str(self.dump_folder), self.rank,
@@ -118,20 +168,20 @@ class Trainer:
                                      device_name=torch.cuda.get_device_name(self.device)
                                      if self.device.type == "cuda" else "cpu", world_size=self.world_size)
         self.preemption = PreemptionHandler()
+        self.online_eval = OnlineEval(config, self.model, self.dims, self.device, self.dump_folder)
         if self.rank == 0:
             n_params = sum(p.numel() for p in self.model.parameters())
-            logger.info(f"model {self.model_spec.name} ({config.model.flavor}): {n_params:,} parameters; "
+            n_frozen = sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
+            frozen = f" ({n_frozen:,} frozen: {', '.join(config.model.freeze)})" if n_frozen else ""
+            logger.info(f"model {self.model_spec.name} ({config.model.flavor}): {n_params:,} parameters{frozen}; "
                         f"mesh {self.dims}; global batch {global_batch} (grad accumulation {self.grad_accum_steps})")
 
-    def _build_data(self) -> StepBatcher:
+    def _build_data(self) -> StepBatcher | VLMData:
         t = self.config.training
-        if self.model_spec.name == "vlm":
-            image_size = self.model_args.image.tile_size
-            dataset = MockMultimodalDataset(self.lm_args.vocab_size, t.seq_len, self.model_args.image_token_id,
-                                            self.model.tokens_per_tile(image_size, image_size), image_size,
-                                            bos_id=self.lm_args.bos_token_id, seed=t.seed)
-            return StepBatcher(dataset, t.local_batch_size, self.dp_rank, self.dp_degree, self.grad_accum_steps,
-                               seed=t.seed, shuffle=False, prefetch=True)
+        if self.model_spec.name == "vlm":  # mock or energon image-text data (titanmm.data.vlm_data)
+            size = self.model_args.image.tile_size
+            return build_vlm_data(self.config, self.model_args, self.model.tokens_per_tile(size, size), self.dp_rank,
+                                  self.dp_degree, self.grad_accum_steps, dp_group=self.dims.mesh_for("dp").get_group())
         tokenizer = build_tokenizer(self.config.model.tokenizer_path) if t.dataset != "mock" else None
         if tokenizer is not None and tokenizer.vocab_size > self.lm_args.vocab_size:
             raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
@@ -144,43 +194,116 @@ class Trainer:
         tp_loss = self.dims.tp_enabled and self.config.parallelism.enable_loss_parallel
         return loss_parallel() if tp_loss else contextlib.nullcontext()
 
+    def _context_parallel_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The micro-batch on the device with what context parallelism shards along the sequence: positions
+        (always explicit) and, for a VLM, the image-feature index computed on the whole sequence."""
+        out = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "document_ids"}
+        input_ids = out["input_ids"]
+        if "position_ids" not in out:
+            out["position_ids"] = torch.arange(input_ids.shape[1], device=self.device).expand_as(input_ids).clone()
+        if self.model_spec.name == "vlm":
+            out["image_feature_index"] = image_feature_index(input_ids, self.model_args.image_token_id)
+        return out
+
+    def _context_parallel(self, batch: dict[str, torch.Tensor]):
+        if self.dims.cp == 1:
+            return contextlib.nullcontext()
+        return context_parallel_micro_batch(self.dims.mesh_for("cp"), batch,
+                                            self.config.parallelism.context_parallel_rotate_method)
+
     def _forward_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of token cross-entropies of one micro-batch (labels IGNORE_INDEX do not count)."""
         inputs = batch["input_ids"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         extra = {}
-        if self.config.training.document_masking:
+        if self.config.training.document_masking or self.dims.cp > 1:
             extra["position_ids"] = batch["position_ids"].to(self.device)
             # A micro-batch of whole single documents needs no mask: plain causal attention is faster.
-            if batch["document_ids"].max() > 0:
+            if "document_ids" in batch and batch["document_ids"].max() > 0:
                 extra["document_ids"] = batch["document_ids"].to(self.device)
-        if "pixel_values" in batch:  # [B, images per sample, 3, H, W] -> all tiles of the micro-batch
-            extra["pixel_values"] = batch["pixel_values"].flatten(0, 1).to(self.device, non_blocking=True)
-        logits = self.model(inputs, **extra)
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
+        if "pixel_values" in batch:  # [tiles, 3, H, W]: all tiles of the micro-batch
+            extra["pixel_values"] = batch["pixel_values"].to(self.device, non_blocking=True)
+        if "image_feature_index" in batch:  # context parallel: which image embedding each image token takes
+            extra["image_feature_index"] = batch["image_feature_index"]
+        weights = batch["loss_weights"].to(self.device) if "loss_weights" in batch else None  # sqrt_length scaling
+        return self.loss_fn(self.model(inputs, **extra), labels, weights)
+
+    def _pipeline_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The schedule's loss of one microbatch: its summed token cross-entropy times the step's normalisation
+        (what the non-pipelined step backpropagates). `target`: labels, or [..., 2] labels and loss weights."""
+        if target.is_floating_point():
+            return self.loss_fn(logits, target[..., 0].long(), target[..., 1]) * self.pp_loss_scale
+        return self.loss_fn(logits, target) * self.pp_loss_scale
+
+    def _pipeline_forward_backward(self, batch: dict[str, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one micro-batch through the pipeline schedule, which splits it into
+        microbatches. Returns the sum of its token cross-entropies on the rank holding the last stage, 0 elsewhere.
+
+        The token ids (and images) go to the first stage only; position ids (always given: a stage's
+        hidden states may be split on the sequence) and document ids go to every stage as keyword
+        arguments, split into microbatches along with the batch.
+        """
+        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
+        args = (input_ids,)
+        if self.config.training.document_masking:
+            kwargs = {"position_ids": batch["position_ids"].to(self.device)}
+            if batch["document_ids"].max() > 0:
+                kwargs["document_ids"] = batch["document_ids"].to(self.device)
+        else:
+            kwargs = {"position_ids": torch.arange(input_ids.shape[1], device=self.device).expand_as(input_ids)}
+        if "pixel_values" in batch:  # regrouped by sample [B, N, 3, H, W] to be split like the tokens
+            pixel_values, tile_mask = tiles_by_sample(batch["pixel_values"], batch["tiles_per_sample"])
+            args += (pixel_values.to(self.device, non_blocking=True),)
+            kwargs["tile_mask"] = tile_mask.to(self.device)
+        # The schedule splits one target tensor: loss weights travel with the labels as [B, S, 2] floats.
+        target = batch["labels"].to(self.device)
+        if "loss_weights" in batch:
+            target = torch.stack([target.float(), batch["loss_weights"].to(self.device)], dim=-1)
+        losses = []
+        self.pp_loss_scale = scale
+        self.pp_schedule.step(*(args if self.pp_has_first_stage else ()),
+                              target=target if self.pp_has_last_stage else None,
+                              losses=losses if self.pp_has_last_stage else None, return_outputs=False, **kwargs)
+        if not losses:
+            return torch.zeros((), device=self.device)
+        losses = [loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach() for loss in losses]
+        return torch.stack(losses).sum() / scale
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         """Forward/backward over this rank's micro-batches and one optimizer step. Returns (loss, grad_norm)."""
-        local_count = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
+        # Trained tokens, or the sum of the per-token loss weights (multimodal.loss_scaling = "sqrt_length").
+        local_count = sum(float(mb["loss_weights"].sum()) if "loss_weights" in mb else
+                          int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
         dp_cp_mesh = self.dims.mesh_for("dp_cp")
         dp_cp_group = dp_cp_mesh.get_group()
+        # The cp ranks of a data-parallel rank hold the same micro-batches: count their tokens once.
         global_count = all_reduce(torch.tensor(float(local_count), device=self.device), group=dp_cp_group)
+        global_count = global_count / self.dims.cp
         # FSDP averages gradients over the dp x cp ranks; multiplying back makes the gradient
         # that of (sum of token losses of the global batch) / (trained tokens of the global batch).
         scale = dp_cp_mesh.size() / global_count.clamp(min=1.0)
         loss_sum = torch.zeros((), device=self.device)
         for mb in micro_batches:
-            with self._loss_parallel():
+            if self.pp_schedule is not None:
+                with self._loss_parallel():
+                    loss_sum += self._pipeline_forward_backward(mb, scale)
+                continue
+            if self.dims.cp > 1:
+                mb = self._context_parallel_batch(mb)
+            with self._loss_parallel(), self._context_parallel(mb):
                 mb_loss = self._forward_loss_sum(mb)
                 (mb_loss * scale).backward()
             loss_sum += mb_loss.detach().full_tensor() if isinstance(mb_loss, DTensor) else mb_loss.detach()
+        if self.pp_schedule is not None:  # only the last stage has the loss
+            loss_sum = all_reduce(loss_sum, group=self.dims.mesh_for("pp").get_group())
         loss_t = all_reduce(loss_sum, group=dp_cp_group) / global_count.clamp(min=1.0)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm_t = clip_grad_norm_(params, self.config.training.max_norm)
+        params = [p for part in self.model_parts for p in part.parameters() if p.grad is not None]
+        grad_norm_t = clip_grad_norm_(params, self.config.training.max_norm,
+                                      pp_mesh=self.dims.mesh_for("pp") if self.dims.pp > 1 else None)
         loss, grad_norm = torch.stack([loss_t, grad_norm_t.to(loss_t)]).tolist()  # one host sync
         if math.isfinite(loss) and math.isfinite(grad_norm):
-            self.optimizer.step()
+            for optimizer in self.optimizers:
+                optimizer.step()
             self.train_state.consecutive_nonfinite_skips = 0
         else:
             self.train_state.consecutive_nonfinite_skips += 1
@@ -188,8 +311,9 @@ class Trainer:
             if self.rank == 0:
                 logger.warning(f"step {self.train_state.step + 1}: non-finite loss {loss} or grad norm {grad_norm}; "
                                f"optimizer step skipped ({self.train_state.consecutive_nonfinite_skips} in a row)")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
         if self.train_state.consecutive_nonfinite_skips >= self.config.training.max_consecutive_nonfinite:
             raise NonFiniteError(
                 f"{self.train_state.consecutive_nonfinite_skips} consecutive steps with a non-finite loss or gradient "
@@ -207,21 +331,24 @@ class Trainer:
             while self.train_state.step < cfg.training.steps:
                 step_index = self.train_state.step  # 0-based index of the step being run
                 micro_batches = self.data.microbatches(step_index)
-                lr = self.scheduler.get_last_lr()[0]
+                lr = self.schedulers[0].get_last_lr()[0]
                 loss, grad_norm = self.train_step(micro_batches)
                 self.train_state.step += 1
                 step = self.train_state.step
                 losses.append(loss)
                 tokens_since_log += self.tokens_per_micro_batch * len(micro_batches) * self.dp_degree
+                eval_metrics, eval_seconds = self.online_eval.maybe_run(step)  # ({}, 0.0) unless an eval step
+                time_last_log += eval_seconds  # evaluation time is not training throughput
                 if step % cfg.training.gc_freq == 0:
                     gc.collect()
-                if step == 1 or step % cfg.metrics.log_freq == 0 or step == cfg.training.steps:
+                if step == 1 or step % cfg.metrics.log_freq == 0 or step == cfg.training.steps or eval_metrics:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
                     now = time.perf_counter()
                     self.metrics.log(step, loss=loss, grad_norm=grad_norm, lr=lr,
                                      tokens=tokens_since_log // self.world_size, seconds=now - time_last_log,
-                                     extra={"skipped_steps": self.train_state.total_nonfinite_skips})
+                                     extra={"skipped_steps": self.train_state.total_nonfinite_skips, **eval_metrics,
+                                            **(self.data.pop_metrics() if isinstance(self.data, VLMData) else {})})
                     tokens_since_log, time_last_log = 0, now
                 stop = self.preemption.should_stop()
                 self.checkpoint.save(step, last=step == cfg.training.steps or stop)
@@ -239,6 +366,9 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[titanmm %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    # Before CUDA starts: segments that grow in place instead of new blocks per size keep the caching
+    # allocator from fragmenting as activation sizes vary (torchtitan's launcher sets the same).
+    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     config_path, overrides, print_config = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:

@@ -295,3 +295,18 @@ def test_sft_sample_shifts_labels():
     sample = sft_sample([5, 6, 7, 8], [False, False, True, True])
     assert sample["input_ids"].tolist() == [5, 6, 7]
     assert sample["labels"].tolist() == [IGNORE_INDEX, 7, 8]
+
+
+def test_plain_template_needs_only_the_tokenizers_bos_and_eos():
+    tok = build_tokenizer("")  # the shipped tokenizer: no chat special tokens
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>\nColour?"},
+             {"role": "assistant", "content": "Red."}, {"role": "user", "content": "Sure?\n"},
+             {"role": "assistant", "content": "Yes."}]
+    ids, mask = encode_conversation(turns, tok, "plain", image_token_id=2047)
+    assert ids[0] == tok.bos_id and ids.count(2047) == 1 and not mask[ids.index(2047)]
+    assert tok.decode([i for i in ids if i != 2047]) == "<bos>Be brief.\n\nColour?\nRed.<eos>Sure?\nYes.<eos>"
+    assert learned_text(tok, ids, mask) == "Red.<eos>Yes.<eos>"
+    prompt, _ = encode_conversation(turns[:2], tok, "plain", add_generation_prompt=True)
+    assert tok.decode(prompt) == "<bos>Be brief.\n<image>\nColour?\n"
+    caption_ids, caption_mask = encode_caption("A cat.", "<image>\n", tok, "plain", image_token_id=2047)
+    assert (caption_ids, caption_mask) == encode_caption("A cat.", "<image>\n", tok, image_token_id=2047)

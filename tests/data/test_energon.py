@@ -7,6 +7,7 @@ image file is missing; the loader's output is compared with titanmm's own functi
 from __future__ import annotations
 
 import json
+import tarfile
 
 import pytest
 import torch
@@ -230,3 +231,38 @@ def test_savable_loader_state_round_trip(dataset):
     second.restore_state_rank(state)
     resumed = _take(iter(second), 4)
     assert all(_same(a, b) for a, b in zip(reference, resumed))
+
+
+def test_convert_from_saved_hf_dataset(dataset, tmp_path):
+    """A saved HF dataset (Image feature) converts to the same samples, image bytes unchanged, as the JSON."""
+    datasets = pytest.importorskip("datasets")
+    root, images, _, _ = dataset
+    usable = [r for r in RECORDS if r["id"] != "s4"]  # s4's image is corrupt
+    rows = {"id": [r["id"] for r in usable], "conversations": [r["conversations"] for r in usable],
+            "image": [str(images / r["image"]) if "image" in r else None for r in usable]}
+    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
+                                  "conversations": [{"from": datasets.Value("string"),
+                                                     "value": datasets.Value("string")}]})
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features)}).save_to_disk(
+        str(tmp_path / "hf"))
+    stats = convert(None, None, tmp_path / "from_hf", shard_size=10, num_workers=1, progress=False,
+                    hf_dataset=tmp_path / "hf")
+    assert stats["written_train"] == len(usable)
+    tokenizer = ChatCharTokenizer()
+    seq_len = seq_len_for(tokenizer)
+
+    def samples(path):
+        encoder = VLMTaskEncoder(tokenizer, "chatml", image_args(), IMAGE_TOKEN, TOKENS_PER_TILE, seq_len)
+        out = {}
+        for batch in load_all(str(path), encoder):
+            for row, key in enumerate(batch["__keys__"]):
+                out[key] = batch["input_ids"][row]
+            out[tuple(batch["__keys__"])] = batch["pixel_values"]
+        return out
+
+    from_json, from_hf = samples(root / "verified"), samples(tmp_path / "from_hf")
+    for key in ("s0_jpg", "s1", "s2", "s3", "s5"):
+        assert torch.equal(from_json[key], from_hf[key]), key
+    with tarfile.open(tmp_path / "from_hf" / "train-000000.tar") as tar:
+        stored = tar.extractfile("s0_jpg.png").read()
+    assert stored == (images / "red.png").read_bytes()

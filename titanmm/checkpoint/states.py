@@ -94,11 +94,13 @@ def _plain_value(value) -> bool:
 
 
 class SchedulerState(Stateful):
-    """LR scheduler state (`last_epoch`, `base_lrs`, `_last_lr`, step counters, ...).
+    """LR scheduler state: its step counters (`last_epoch`, `_step_count`, ...).
 
-    Only plain values are kept: lambdas and other callables (LambdaLR's `lr_lambdas`) are never
-    stored, they come from the code that rebuilds the scheduler. With one scheduler per model
-    part all of them follow the same schedule, so the first one is saved and loaded into all.
+    Only plain scalar values are kept. Lambdas and other callables (LambdaLR's `lr_lambdas`) come
+    from the code that rebuilds the scheduler; so do the per-parameter-group lists (`base_lrs`,
+    `_last_lr`), whose length depends on how a layout groups the parameters (by device mesh, by
+    pipeline stage): the learning rates follow from the schedule and the step. With one scheduler
+    per model part all of them follow the same schedule, so the first one is saved and loaded into all.
     """
 
     def __init__(self, schedulers):
@@ -108,15 +110,19 @@ class SchedulerState(Stateful):
 
     def state_dict(self) -> dict[str, Any]:
         full = self.schedulers[0].state_dict()
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in full.items()
-                if k not in _SCHEDULER_SKIP and _plain_value(v)}
+        return {k: v for k, v in full.items()
+                if k not in _SCHEDULER_SKIP and _plain_value(v) and not isinstance(v, (list, tuple))}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for scheduler in self.schedulers:
-            # Start from the scheduler's own dict so entries we never saved (lr_lambdas) stay as built.
+            # Start from the scheduler's own dict so entries we never saved (lr_lambdas, base_lrs) stay as built.
             current = scheduler.state_dict()
-            current.update({k: v for k, v in state_dict.items() if k not in _SCHEDULER_SKIP})
+            current.update({k: v for k, v in state_dict.items()
+                            if k not in _SCHEDULER_SKIP and not isinstance(v, (list, tuple))})
             scheduler.load_state_dict(current)
+            if hasattr(scheduler, "lr_lambdas"):  # the learning rates of the restored step
+                scheduler._last_lr = [base * fn(scheduler.last_epoch)
+                                      for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
 
 
 # RNG states are stored as fixed-size uint8 tensors so that DCP can load them in place (DCP loads

@@ -27,6 +27,10 @@ class Model:
     """Take the model shape from this HF config.json (or the folder holding it) instead of `flavor`."""
     n_layers: int = 0
     """Override the number of blocks of the flavor (0 keeps it); for benchmarks and debugging."""
+    freeze: list[str] = field(default_factory=list)
+    """vlm only: parts whose weights stay fixed: any of "lm", "vision", "projector" (e.g. ["lm", "vision"] to
+    pretrain the projector alone). Frozen parameters get no gradients and no optimizer state, and are left out
+    of gradient clipping; at least one part must train."""
 
 
 @dataclass
@@ -72,7 +76,10 @@ class Training:
     Larger values are reached by gradient accumulation."""
     dataset: str = "mock"
     """'mock' for random tokens, 'shipped' for the small corpus that ships with titanmm, or a path to a
-    .jsonl / .json / .parquet / .txt file, a folder of those, or a dataset saved with HF datasets."""
+    .jsonl / .json / .parquet / .txt file, a folder of those, or a dataset saved with HF datasets.
+    For model.name = vlm: 'mock' (random image-text samples), a folder prepared by `energon prepare`
+    (e.g. the output of titanmm.data.convert_llava; it has a `.nv-meta/` folder) or an energon metadataset
+    .yaml (a weighted blend of such folders); see [multimodal]."""
     text_field: str = "text"
     """Column (jsonl / parquet / HF datasets) holding each document's text."""
     document_masking: bool = True
@@ -96,6 +103,40 @@ class Training:
 
 
 @dataclass
+class Multimodal:
+    chat_template: str = ""
+    """Chat template of the vlm training samples: llama3, llama3.1, mistral, chatml, qwen2, nvlm-yi-34b or plain
+    (bos + text + eos; needs no special tokens). Empty chooses it from the flavor's language model: mistral ->
+    mistral, yi -> nvlm-yi-34b, qwen2 -> qwen2, llama3.1 / 3.2 -> llama3.1, llama3 -> llama3, debug -> plain."""
+    task: str = "sft"
+    """sft: learn every assistant turn of each conversation. captioning (projector pretraining, LLaVA-Pretrain
+    style): the user turn becomes just the image placeholders and the one assistant reply, the caption, is
+    learned; energon CaptioningSample datasets are always captions."""
+    max_tiles: int = 0
+    """Most tiles per image (thumbnail not counted); 0 keeps the flavor's image.max_tiles. Samples that do not
+    fit training.seq_len use fewer (12 -> 8 -> 6 -> 4 -> 2 -> 1, as Megatron)."""
+    packing: bool = False
+    """Pack several samples into each training.seq_len sequence (greedy knapsack over a buffer of
+    packing_buffer_size samples); each keeps its own positions and attends only to itself."""
+    packing_buffer_size: int = 32
+    """Encoded samples (with their pixels) each loader worker holds to choose packs from: larger packs
+    tighter but needs more memory."""
+    num_workers: int = 2
+    """Data loader worker processes per data-parallel rank (image decoding and tiling); 0 loads in the
+    training process."""
+    shuffle_buffer_size: int = 100
+    """energon's sample shuffle buffer per worker (0: no shuffling beyond the shard order)."""
+    max_samples_per_sequence: int = 100
+    """energon reads at most this many consecutive samples of one shard before switching (0: no limit)."""
+    loss_scaling: str = "token"
+    """token: loss = sum of token cross-entropies / trained tokens of the global batch. sqrt_length
+    (Megatron --use-loss-scaling, Nemotron-Nano-VL): each turn t (a run of consecutive trained tokens,
+    n_t of them) weighs its token losses by 1 / sqrt(n_t), and loss = sum_t [sum(CE of t) / sqrt(n_t)] /
+    sum_t sqrt(n_t) over the global batch, so long replies count less per token than with token averaging
+    (Megatron normalises per micro-batch; titanmm over the global batch)."""
+
+
+@dataclass
 class Parallelism:
     data_parallel_replicate_degree: int = 1
     """Replicas of the model (DDP-like outer dimension of HSDP)."""
@@ -104,9 +145,28 @@ class Parallelism:
     tensor_parallel_degree: int = 1
     """Tensor parallel (with sequence parallel) group size."""
     pipeline_parallel_degree: int = 1
-    """Pipeline stages (not available yet: must be 1)."""
+    """Pipeline parallel group size: ranks that each run a part of the model's layers, in sequence."""
+    pipeline_parallel_schedule: str = "1F1B"
+    """GPipe or 1F1B (one stage per rank); Interleaved1F1B, LoopedBFS or InterleavedZeroBubble (two or
+    more stages per rank); ZBVZeroBubble (two stages per rank, placed in a V)."""
+    pipeline_parallel_microbatch_size: int = 1
+    """Samples per pipeline microbatch; training.local_batch_size / this = microbatches per schedule step."""
+    pipeline_parallel_layers_per_stage: int = 0
+    """Transformer blocks per stage, counting the first/last_stage_less_layers below; the number of
+    stages is then (blocks + those) / this. 0: one stage per rank (two for the multi-stage schedules)."""
+    pipeline_parallel_first_stage_less_layers: int = 0
+    """The first stage holds this many blocks fewer than the others, to make up for the token embedding
+    (and a VLM's vision tower and projector, which live on the first stage)."""
+    pipeline_parallel_last_stage_less_layers: int = 0
+    """The last stage holds this many blocks fewer than the others, to make up for the final norm, the
+    output layer and the loss."""
     context_parallel_degree: int = 1
-    """Context parallel group size (not available yet: must be 1)."""
+    """Context parallel group size: each micro-batch's sequence is split over this many ranks (load-balanced
+    head-tail chunks) and attention runs as ring attention. GPU only; causal attention without document
+    masks (training.document_masking = false)."""
+    context_parallel_rotate_method: str = "allgather"
+    """How K/V shards travel around the context-parallel ring: allgather (all at once, overlapped) or
+    alltoall (one neighbour exchange per ring step; less memory)."""
     enable_loss_parallel: bool = True
     """Under TP, compute the loss on vocabulary-sharded logits without gathering them."""
     fsdp_reshard_after_forward: str = "default"
@@ -126,6 +186,30 @@ class ActivationCheckpoint:
 class Compile:
     enable: bool = False
     """torch.compile each transformer block (and the loss)."""
+    enable_async_tensor_parallel: bool = False
+    """With tensor parallelism: let inductor overlap the TP all-gathers / reduce-scatters with the matmuls
+    (micro-pipelining over symmetric memory; GPUs with NVLink). Needs compile.enable."""
+
+
+@dataclass
+class Float8:
+    enable: bool = False
+    """Train the linear layers in FP8 through torchao's float8 (H100/H200; needs torchao)."""
+    recipe: str = "tensorwise"
+    """tensorwise (one scale per tensor; FP8 FSDP all-gather), rowwise (one scale per row; more accurate)
+    or rowwise_with_gw_hp (rowwise, weight-gradient matmul kept in high precision)."""
+    enable_fsdp_float8_all_gather: bool = True
+    """tensorwise only: FSDP2 all-gathers the weights already cast to FP8 (half the bytes of bf16)."""
+    precompute_float8_dynamic_scale_for_fsdp: bool = True
+    """tensorwise with FP8 all-gather: compute every weight's scale in one fused step after the optimizer step."""
+    filter_fqns: list[str] = field(default_factory=lambda: ["output", "patch_embed"])
+    """Modules never converted, by name path component ("output" = the LM head, "patch_embed" = the vision
+    patch embedding, "vision" = the whole vision tower). Linears with dims not divisible by 16 never are."""
+    emulate: bool = False
+    """Emulate FP8 matmuls in high precision (for tests on CPUs and GPUs without FP8 units)."""
+    backend: str = "torchao"
+    """torchao. (Transformer Engine is not offered: its layers replace the model's modules with TE modules
+    that DTensor TP / FSDP2 / DCP do not compose with, and its wheel does not ship for this stack.)"""
 
 
 @dataclass
@@ -161,14 +245,41 @@ class Metrics:
 
 
 @dataclass
+class Eval:
+    enable: bool = False
+    """Caption a small image set every `interval` steps and log the captions' CIDEr as eval_cider (vlm models;
+    data-parallel layouts: FSDP / HSDP, no tensor or pipeline parallelism). Needs pycocoevalcap and Java."""
+    interval: int = 500
+    """Evaluate every this many steps."""
+    dataset: str = ""
+    """The captioning set: a Karpathy split JSON ({"images": [{"filename", "filepath", "split", "cocoid",
+    "sentences": [{"raw": caption}, ...]}, ...]}; its "test" images, id = cocoid, else the file name's number)
+    or a COCO captions JSON ({"images": [{"id", "file_name"}, ...], "annotations": [{"image_id", "caption"},
+    ...]}). Prompts follow the training format (multimodal.chat_template; for multimodal.task = captioning
+    just the image, else "Give a brief description of this image in one sentence.")."""
+    image_folder: str = ""
+    """Folder holding the dataset's images (Karpathy: filepath/filename or filename; COCO: file_name); empty
+    means the folder of the dataset JSON."""
+    num_samples: int = 64
+    """Images evaluated (the first ones of the set), dealt to the data-parallel ranks."""
+    max_new_tokens: int = 20
+    """Longest caption in tokens."""
+    batch_size: int = 8
+    """Images per generate call on each data-parallel rank."""
+
+
+@dataclass
 class JobConfig:
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
     optimizer: Optimizer = field(default_factory=Optimizer)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     training: Training = field(default_factory=Training)
+    multimodal: Multimodal = field(default_factory=Multimodal)
     parallelism: Parallelism = field(default_factory=Parallelism)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     compile: Compile = field(default_factory=Compile)
+    float8: Float8 = field(default_factory=Float8)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     metrics: Metrics = field(default_factory=Metrics)
+    eval: Eval = field(default_factory=Eval)

@@ -151,9 +151,7 @@ def validate(config: JobConfig, world_size: int | None = None) -> None:
     if not c.model.hf_config and c.model.flavor not in flavors:
         raise ConfigError(f"model.flavor = {c.model.flavor!r} is not a {c.model.name} flavor; known: {sorted(flavors)}")
     _positive("model.n_layers", c.model.n_layers, allow_zero=True)
-    if c.model.name == "vlm" and c.training.dataset != "mock":
-        raise ConfigError(f"training.dataset = {c.training.dataset!r}: vision-language models train on mock "
-                          "image-text data for now (training.dataset = \"mock\")")
+    _validate_multimodal(c)
     _choice("optimizer.name", c.optimizer.name, ("AdamW", "Adam"))
     _choice("optimizer.implementation", c.optimizer.implementation, ("fused", "foreach", "for-loop"))
     _positive("optimizer.lr", c.optimizer.lr, allow_zero=True)
@@ -180,23 +178,196 @@ def validate(config: JobConfig, world_size: int | None = None) -> None:
     if p.data_parallel_shard_degree == 0 or p.data_parallel_shard_degree < -1:
         raise ConfigError(f"parallelism.data_parallel_shard_degree = {p.data_parallel_shard_degree}; "
                           "expected -1 or a positive integer")
-    for key in ("pipeline_parallel_degree", "context_parallel_degree"):
-        if getattr(p, key) > 1:
-            raise ConfigError(f"parallelism.{key} = {getattr(p, key)}: pipeline and context parallelism "
-                              "are not available yet; set it to 1")
+    _validate_context_parallel(c)
+    _validate_pipeline(c)
     _choice("parallelism.fsdp_reshard_after_forward", p.fsdp_reshard_after_forward, ("default", "always", "never"))
     _choice("activation_checkpoint.mode", c.activation_checkpoint.mode, ("none", "full", "selective"))
     sac = c.activation_checkpoint.selective_ac_option
     if sac != "op" and not (sac.isdigit() and int(sac) > 0):
         raise ConfigError(f"activation_checkpoint.selective_ac_option = {sac!r}; expected 'op' or a positive integer")
+    _validate_float8(c.float8)
+    if c.compile.enable_async_tensor_parallel and not (c.compile.enable and p.tensor_parallel_degree > 1):
+        raise ConfigError("compile.enable_async_tensor_parallel = true needs compile.enable = true and "
+                          f"parallelism.tensor_parallel_degree > 1 (it is {p.tensor_parallel_degree})")
     _choice("checkpoint.async_mode", c.checkpoint.async_mode, ("disabled", "async"))
     _positive("checkpoint.interval", c.checkpoint.interval)
     _positive("checkpoint.keep_latest_k", c.checkpoint.keep_latest_k, allow_zero=True)
     if c.checkpoint.initial_load_path and c.checkpoint.initial_load_hf:
         raise ConfigError("checkpoint.initial_load_path and checkpoint.initial_load_hf are both set; choose one")
     _positive("metrics.log_freq", c.metrics.log_freq)
+    _validate_eval(c)
     if world_size is not None:
         validate_degrees(config, world_size)
+
+
+VLM_PARTS = ("lm", "vision", "projector")
+
+
+def _validate_multimodal(c: JobConfig) -> None:
+    """model.freeze, training.dataset of a vlm, and the [multimodal] section."""
+    from titanmm.data.chat import CHAT_TEMPLATES
+    from titanmm.data.vlm_data import LOSS_SCALINGS, TASKS
+
+    vlm = c.model.name == "vlm"
+    if c.model.freeze:
+        if not vlm:
+            raise ConfigError(f"model.freeze = {c.model.freeze}: freezing parts applies to model.name = 'vlm' "
+                              f"(got {c.model.name!r})")
+        for part in c.model.freeze:
+            _choice("model.freeze", part, VLM_PARTS)
+        if set(c.model.freeze) == set(VLM_PARTS):
+            raise ConfigError(f"model.freeze = {c.model.freeze} freezes every parameter: nothing would train")
+    if vlm and c.training.dataset != "mock":
+        validate_energon_dataset(c.training.dataset)
+    m = c.multimodal
+    if m.chat_template:
+        _choice("multimodal.chat_template", m.chat_template, tuple(CHAT_TEMPLATES))
+    elif vlm and c.training.dataset != "mock" and not c.model.hf_config:
+        from titanmm.data.vlm_data import default_chat_template
+        from titanmm.models import MODEL_SPECS
+
+        if default_chat_template(MODEL_SPECS["vlm"].flavors[c.model.flavor]) is None:
+            raise ConfigError(f"multimodal.chat_template is empty and model.flavor = {c.model.flavor!r} has no "
+                              f"default; choose one of {sorted(CHAT_TEMPLATES)}")
+    _choice("multimodal.task", m.task, TASKS)
+    _choice("multimodal.loss_scaling", m.loss_scaling, LOSS_SCALINGS)
+    if m.loss_scaling != "token" and not vlm:
+        raise ConfigError(f"multimodal.loss_scaling = {m.loss_scaling!r} applies to model.name = 'vlm' "
+                          f"(got {c.model.name!r})")
+    for key in ("max_tiles", "num_workers", "shuffle_buffer_size", "max_samples_per_sequence"):
+        _positive(f"multimodal.{key}", getattr(m, key), allow_zero=True)
+    _positive("multimodal.packing_buffer_size", m.packing_buffer_size)
+    if m.packing and not c.training.document_masking:
+        raise ConfigError("multimodal.packing = true needs training.document_masking = true (packed samples must "
+                          "not attend to each other)")
+
+
+def validate_energon_dataset(path: str, key: str = "training.dataset") -> None:
+    """`path` is a folder prepared by `energon prepare` (it has `.nv-meta/`) or an energon metadataset .yaml."""
+    where = Path(path).expanduser()
+    kinds = ("'mock', a folder prepared by `energon prepare` (with .nv-meta/, e.g. the output of "
+             "`python -m titanmm.data.convert_llava`) or an energon metadataset .yaml")
+    if not where.exists():
+        raise ConfigError(f"{key} = {path!r} does not exist; for model.name = 'vlm' it is {kinds}")
+    if where.is_dir():
+        if not (where / ".nv-meta" / "dataset.yaml").is_file() and not (where / ".nv-meta" / "index.sqlite").is_file():
+            raise ConfigError(f"{key} = {path!r} is a folder without .nv-meta/ (not prepared for energon): run "
+                              f"`energon prepare {path}` or convert LLaVA data with titanmm.data.convert_llava")
+    elif where.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"{key} = {path!r} is a {where.suffix or 'suffix-less'} file; for model.name = 'vlm' it "
+                          f"is {kinds}")
+
+
+def _validate_pipeline(c: JobConfig) -> None:
+    from titanmm.models import MODEL_SPECS
+    from titanmm.parallel.pipeline import SCHEDULES, SINGLE_STAGE_SCHEDULES, ZERO_BUBBLE_SCHEDULES, stage_layers
+
+    p = c.parallelism
+    _choice("parallelism.pipeline_parallel_schedule", p.pipeline_parallel_schedule, tuple(SCHEDULES))
+    _positive("parallelism.pipeline_parallel_microbatch_size", p.pipeline_parallel_microbatch_size)
+    for key in ("layers_per_stage", "first_stage_less_layers", "last_stage_less_layers"):
+        _positive(f"parallelism.pipeline_parallel_{key}", getattr(p, f"pipeline_parallel_{key}"), allow_zero=True)
+    if p.pipeline_parallel_degree == 1:
+        return
+    pp, schedule, mb = p.pipeline_parallel_degree, p.pipeline_parallel_schedule, p.pipeline_parallel_microbatch_size
+    if c.training.local_batch_size % mb:
+        raise ConfigError(f"training.local_batch_size = {c.training.local_batch_size} is not a multiple of "
+                          f"parallelism.pipeline_parallel_microbatch_size = {mb}")
+    n_mb = c.training.local_batch_size // mb
+    if n_mb < pp:
+        raise ConfigError(f"training.local_batch_size / parallelism.pipeline_parallel_microbatch_size = {n_mb} "
+                          f"microbatches cannot fill parallelism.pipeline_parallel_degree = {pp} stages; "
+                          f"give the pipeline at least {pp}")
+    if schedule not in SINGLE_STAGE_SCHEDULES and schedule != "ZBVZeroBubble" and n_mb % max(1, n_mb // pp):
+        raise ConfigError(f"parallelism.pipeline_parallel_schedule = {schedule!r} runs microbatches in rounds of "
+                          f"parallelism.pipeline_parallel_degree = {pp}: {n_mb} microbatches (training.local_batch_size"
+                          f" / parallelism.pipeline_parallel_microbatch_size) must be a multiple of {n_mb // pp} "
+                          f"rounds; use a multiple of {pp}")
+    if schedule in ZERO_BUBBLE_SCHEDULES and c.compile.enable:
+        raise ConfigError(f"parallelism.pipeline_parallel_schedule = {schedule!r} splits backward into input and "
+                          "weight gradients, which torch.compile'd blocks do not support; set compile.enable = false "
+                          "or use 1F1B / Interleaved1F1B")
+    if c.model.hf_config:  # the model's shape is known only when it is built; the trainer checks then
+        return
+    args = language_model_args(MODEL_SPECS[c.model.name].flavors[c.model.flavor])
+    if args.tie_word_embeddings:
+        raise ConfigError(f"parallelism.pipeline_parallel_degree = {pp}: model.flavor = {c.model.flavor!r} ties "
+                          "the output layer to the token embedding, which pipeline stages would separate")
+    try:
+        layers = stage_layers(p, c.model.n_layers or args.n_layers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if c.model.name == "vlm" and p.tensor_parallel_degree > 1 and not layers[0]:
+        raise ConfigError("a vision-language model under tensor parallelism needs a language-model block on the "
+                          "first pipeline stage (it splits the sequence there); lower "
+                          "parallelism.pipeline_parallel_first_stage_less_layers")
+
+
+def _validate_context_parallel(c) -> None:
+    p, cp = c.parallelism, c.parallelism.context_parallel_degree
+    _choice("parallelism.context_parallel_rotate_method", p.context_parallel_rotate_method, ("allgather", "alltoall"))
+    if cp == 1:
+        return
+    if c.training.document_masking:
+        raise ConfigError(f"parallelism.context_parallel_degree = {cp} needs training.document_masking = false "
+                          "(ring attention runs SDPA's causal kernels, which take no per-document mask)")
+    chunk = 2 * cp * p.tensor_parallel_degree
+    if c.training.seq_len % chunk:
+        raise ConfigError(f"training.seq_len = {c.training.seq_len} must be divisible by 2 * "
+                          f"parallelism.context_parallel_degree * tensor_parallel_degree = {chunk} (load-balanced "
+                          "context-parallel chunks, then sequence-parallel shards)")
+    if p.data_parallel_replicate_degree > 1:
+        raise ConfigError(f"parallelism.context_parallel_degree = {cp} with data_parallel_replicate_degree = "
+                          f"{p.data_parallel_replicate_degree}: HSDP with context parallelism is not supported; use "
+                          "data_parallel_shard_degree")
+    if p.pipeline_parallel_degree > 1:
+        raise ConfigError(f"parallelism.context_parallel_degree = {cp} with pipeline_parallel_degree = "
+                          f"{p.pipeline_parallel_degree}: context parallelism inside pipeline stages is not supported")
+
+
+def _validate_float8(f) -> None:
+    from titanmm.parallel.float8 import RECIPES
+
+    _choice("float8.recipe", f.recipe, RECIPES)
+    if f.backend == "te":
+        raise ConfigError("float8.backend = 'te': Transformer Engine is not offered (its modules do not compose "
+                          "with DTensor TP / FSDP2 / DCP here); use float8.backend = 'torchao'")
+    _choice("float8.backend", f.backend, ("torchao",))
+    if f.enable:
+        try:
+            import torchao.float8  # noqa: F401
+        except ImportError:
+            raise ConfigError("float8.enable = true needs torchao: pip install 'torchao>=0.18' (pinned with torch) "
+                              "or pip install -e '.[float8]'") from None
+
+
+def _validate_eval(c: JobConfig) -> None:
+    """The [eval] section (online captioning evaluation)."""
+    import os
+    import shutil
+
+    e = c.eval
+    for key in ("interval", "num_samples", "max_new_tokens", "batch_size"):
+        _positive(f"eval.{key}", getattr(e, key))
+    if not e.enable:
+        return
+    if c.model.name != "vlm":
+        raise ConfigError(f"eval.enable = true captions images: it needs model.name = 'vlm' (got {c.model.name!r})")
+    p = c.parallelism
+    for key in ("tensor_parallel_degree", "pipeline_parallel_degree", "context_parallel_degree"):
+        if getattr(p, key) > 1:
+            raise ConfigError(f"eval.enable = true with parallelism.{key} = {getattr(p, key)}: online evaluation "
+                              "runs on data-parallel layouts (FSDP / HSDP) only")
+    if not os.path.isfile(e.dataset):
+        raise ConfigError(f"eval.dataset = {e.dataset!r} is not a file (a Karpathy split or COCO captions JSON)")
+    if e.image_folder and not os.path.isdir(e.image_folder):
+        raise ConfigError(f"eval.image_folder = {e.image_folder!r} is not a folder")
+    try:
+        import pycocoevalcap  # noqa: F401
+    except ImportError:
+        raise ConfigError("eval.enable = true needs pycocoevalcap for CIDEr: pip install -e '.[eval]'") from None
+    if shutil.which("java") is None:
+        raise ConfigError("eval.enable = true needs Java (pycocoevalcap's PTB tokenizer runs in it)")
 
 
 def language_model_args(args):
@@ -225,8 +396,8 @@ def validate_degrees(config: JobConfig, world_size: int) -> None:
     if total != world_size:
         raise ConfigError(
             f"parallelism degrees multiply to {total} (data_parallel_replicate_degree={p.data_parallel_replicate_degree}"
-            f" * data_parallel_shard_degree={dp_shard} * tensor_parallel_degree={p.tensor_parallel_degree}) but the "
-            f"world size is {world_size}")
+            f" * data_parallel_shard_degree={dp_shard} * tensor_parallel_degree={p.tensor_parallel_degree} * "
+            f"pipeline_parallel_degree={p.pipeline_parallel_degree}) but the world size is {world_size}")
     dp = p.data_parallel_replicate_degree * dp_shard
     t = config.training
     if t.global_batch_size != -1:

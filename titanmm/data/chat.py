@@ -15,6 +15,13 @@ Templates (`get_chat_template(name)`), each matching the official HF Jinja templ
 | "mistral" | v0.3: `[INST] user[/INST] assistant</s>` (assistant stripped, one space before it) | `<s>` | none |
 | "chatml" = "qwen2" | `<|im_start|>role\\ncontent<|im_end|>\\n` | none | "You are a helpful assistant." |
 | "nvlm-yi-34b" | ChatML with the tokenizer's bos first (Megatron `nvlm_yi_34b_template`) | tokenizer's | none |
+| "plain" | bos + user/system content + "\\n" (unless it ends with one) + assistant content + eos | tokenizer's | none |
+
+"plain" needs no special tokens beyond the tokenizer's own bos / eos (so it works with any tokenizer, e.g.
+the small one that ships with titanmm for the debug flavors). It is LLaVA's "plain" conversation format
+(`<image>` + caption + end marker, used for LLaVA's projector pretraining) extended to several turns, with
+the tokenizer's eos as the learned end of each assistant turn; there is no HF template to match.
+`add_generation_prompt` adds nothing (the prompt already ends with the user turn's "\\n").
 
 How the tokens are made. Special tokens (`<|eot_id|>`, `<|im_start|>`, ...) are looked up with
 `tokenizer.token_to_id` and inserted as ids: titanmm's tokenizers encode special-token *text* as plain
@@ -59,8 +66,11 @@ LLAMA3 = "llama3"
 MISTRAL = "mistral"
 CHATML = "chatml"
 
-# Tokenizer's own bos (HF templates' `bos_token`); None there means no bos.
+PLAIN = "plain"
+
+# Tokenizer's own bos / eos (HF templates' `bos_token` / `eos_token`); None there means no bos.
 TOKENIZER_BOS = "<tokenizer bos>"
+TOKENIZER_EOS = "<tokenizer eos>"
 
 LLAMA31_DEFAULT_DATE = "26 Jul 2024"
 QWEN2_DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -72,9 +82,9 @@ class ChatTemplate:
 
     Attributes:
         name: registry name.
-        style: "llama3", "mistral" or "chatml" (how turns are laid out).
+        style: "llama3", "mistral", "chatml" or "plain" (how turns are laid out).
         bos: bos token text, TOKENIZER_BOS for the tokenizer's bos id, or None for no bos.
-        eos: the token that ends an assistant turn (learned).
+        eos: the token that ends an assistant turn (learned); TOKENIZER_EOS for the tokenizer's eos id.
         default_system: system prompt used when the conversation has none (None: no system turn).
         knowledge_preamble: llama3.1 only: always write a system block whose text starts with
             "Cutting Knowledge Date: December 2023\\nToday Date: {date_string}\\n\\n".
@@ -90,7 +100,7 @@ class ChatTemplate:
     date_string: str = LLAMA31_DEFAULT_DATE
 
     def __post_init__(self):
-        if self.style not in (LLAMA3, MISTRAL, CHATML):
+        if self.style not in (LLAMA3, MISTRAL, CHATML, PLAIN):
             raise ValueError(f"unknown chat template style {self.style!r}")
 
 
@@ -101,6 +111,7 @@ CHAT_TEMPLATES: dict[str, ChatTemplate] = {
     "mistral": ChatTemplate("mistral", MISTRAL, bos="<s>", eos="</s>"),
     "chatml": ChatTemplate("chatml", CHATML, bos=None, eos="<|im_end|>", default_system=QWEN2_DEFAULT_SYSTEM),
     "nvlm-yi-34b": ChatTemplate("nvlm-yi-34b", CHATML, bos=TOKENIZER_BOS, eos="<|im_end|>"),
+    "plain": ChatTemplate("plain", PLAIN, bos=TOKENIZER_BOS, eos=TOKENIZER_EOS),
 }
 CHAT_TEMPLATES["qwen2"] = replace(CHAT_TEMPLATES["chatml"], name="qwen2")
 
@@ -202,7 +213,18 @@ def _render_chatml(t: ChatTemplate, turns, add_generation_prompt, content) -> li
     return pieces
 
 
-_RENDERERS = {LLAMA3: _render_llama3, MISTRAL: _render_mistral, CHATML: _render_chatml}
+def _render_plain(t: ChatTemplate, turns, add_generation_prompt, content) -> list:
+    pieces: list = []
+    for turn in turns:
+        if turn["role"] == "assistant":
+            pieces += content(turn["content"], True) + [_special(t.eos, True)]
+        else:
+            text = turn["content"]
+            pieces += content(text if text.endswith("\n") else text + "\n", False)
+    return pieces
+
+
+_RENDERERS = {LLAMA3: _render_llama3, MISTRAL: _render_mistral, CHATML: _render_chatml, PLAIN: _render_plain}
 
 
 def render_pieces(turns: Sequence[dict], template: str | ChatTemplate, add_generation_prompt: bool = False, *,
@@ -218,6 +240,12 @@ def render_pieces(turns: Sequence[dict], template: str | ChatTemplate, add_gener
 
 
 def _token_id(tokenizer, token: str, required: bool) -> int | None:
+    if token in (TOKENIZER_BOS, TOKENIZER_EOS):
+        token_id = tokenizer.bos_id if token == TOKENIZER_BOS else tokenizer.eos_id
+        if token_id is None and required:
+            raise ValueError(f"the tokenizer {getattr(tokenizer, 'path', tokenizer)!r} has no "
+                             f"{'bos' if token == TOKENIZER_BOS else 'eos'} token, which this chat template needs")
+        return token_id
     lookup = getattr(tokenizer, "token_to_id", None)
     token_id = lookup(token) if lookup is not None else None
     if token_id is None and required:

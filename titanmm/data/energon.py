@@ -1,54 +1,79 @@
-"""megatron-energon task encoder for LLaVA-style conversation data (see `convert_llava.py`).
+"""megatron-energon task encoder for image-text data: LLaVA-style conversations (see `convert_llava.py`) and
+energon's own `CaptioningSample` / `VQASample` datasets.
 
-    from megatron.energon import WorkerConfig, get_loader, get_train_dataset
+    from megatron.energon import WorkerConfig, get_savable_loader, get_train_dataset
     encoder = VLMTaskEncoder(tokenizer, "chatml", image_args, image_token_id, tokens_per_tile, seq_len)
     dataset = get_train_dataset(path, worker_config=WorkerConfig(rank=dp_rank, world_size=dp_size, num_workers=4),
                                 batch_size=8, shuffle_buffer_size=100, max_samples_per_sequence=100,
-                                task_encoder=encoder)
-    for batch in get_loader(dataset):  # or get_savable_loader for resumable state
-        batch["input_ids"], batch["labels"]   # [B, seq_len]; labels -100 where not learned / padding
-        batch["pixel_values"]                 # [total tiles in the batch, 3, S, S]
-        batch["num_tiles"]                    # [images in the batch], tiles of each image, in order
-        batch["images_per_sample"]            # [B]
+                                task_encoder=encoder, packing_buffer_size=None)  # an int packs samples
+    for batch in get_savable_loader(dataset):
+        batch["input_ids"], batch["labels"]       # [B, seq_len]; labels -100 where not learned / padding
+        batch["position_ids"], batch["document_ids"]  # [B, seq_len]; restart / count per packed sample
+        batch["pixel_values"]                     # [total tiles in the batch, 3, S, S]
+        batch["num_tiles"]                        # [images in the batch], tiles of each image, in order
+        batch["images_per_sample"]                # [B] images of each row
+        batch["tiles_per_sample"]                 # [B] tiles of each row
+        batch["num_tokens"]                       # [B] non-pad tokens of each row
+        batch["skipped"]                          # {reason: count} skipped since this worker's last batch
 
 Pipeline per sample:
 
-1. cook (`cook_llava`): the crude WebDataset dict (`json` + optional `jpg`/`png`/... bytes) becomes a
-   `ConversationSample`; LLaVA roles map human -> user, gpt -> assistant, system -> system. A sample with
-   an image but no `<image>` placeholder gets `"<image>\\n"` in front of its first user turn (LLaVA's rule).
-2. `encode_sample`: `chat.encode_conversation` with the image placeholder as one id, then the tile count
-   of the image is chosen: the image args' `max_tiles` first, then Megatron's smaller budgets
-   12 -> 8 -> 6 -> 4 -> 2 -> 1, the first for which the expanded sample fits (`len(ids) - 1 <= seq_len`;
-   tile counts come from `tiling.num_tiles_for`, so pixels are made once); `chat.expand_images` lays out
-   tags + image tokens; `chat.sft_sample` makes input_ids / labels (loss only on assistant turns, never on
-   image tokens or tags). Text is never truncated: a sample that does not fit even with one tile is
-   skipped. Pixels come from `images.load_image` + `images.preprocess_tiles` (or `preprocess_single`).
-3. `batch`: pads input_ids (pad id) and labels (-100) to `seq_len`; tiles of all images are concatenated.
+1. cook (`cook_llava`): the crude WebDataset dict (`json` + image bytes) becomes a `ConversationSample`;
+   LLaVA roles map human -> user, gpt -> assistant, system -> system. Images are `KEY.jpg` (one image) or
+   `KEY.0.jpg`, `KEY.1.png`, ... (several, in the order of their `<image>` placeholders), as
+   `convert_llava` writes them. A sample with images but no `<image>` placeholder gets one `"<image>\\n"`
+   per image in front of its first user turn (LLaVA's rule). Typed energon samples need no cooking:
+   `CaptioningSample` (image + caption) and `VQASample` (image + context + answers; the answer of largest
+   weight, else the first, is the reply) are turned into turns by `sample_turns`.
+2. The task. "sft": every assistant turn is learned. "captioning" (projector pretraining, LLaVA-Pretrain /
+   Megatron's `encode_llava_pretrain`): the user turn is only the image placeholders (`"<image>\\n"` each,
+   whatever instruction the data had) and the single assistant reply, the caption, is learned; a
+   conversation with more than one reply is skipped ("not_a_caption"). Captions are encoded with
+   `chat.encode_caption`. System and user turns, image tokens and tags are never learned.
+3. `encode`: `chat.encode_conversation` with each image placeholder as one id, then the tile budget of the
+   images is chosen: the largest of (max_tiles, then Megatron's 12 -> 8 -> 6 -> 4 -> 2 -> 1 below it) for
+   which the expanded sample fits (`len(ids) - 1 <= seq_len`); the budget applies to every image of the
+   sample (tile counts from `tiling.num_tiles_for`, so pixels are made once, for the chosen budget).
+   `chat.expand_images` lays out tags + image tokens; `chat.sft_sample` makes input_ids / labels. Text is
+   never truncated: a sample that does not fit even with one tile per image is skipped ("too_long").
+4. Packing (only when the dataset is built with `packing_buffer_size`): `select_samples_to_pack` fills
+   sequences of at most seq_len tokens greedily from a buffer of encoded samples (largest sample that still
+   fits first), `pack_selected_samples` concatenates each group; `batch` then gives every packed sample its
+   own document id and positions restarting at 0, so the language model's document masking keeps the
+   samples from attending to each other (labels never cross a sample boundary: each is shifted on its own).
+5. `batch`: pads input_ids (pad id) and labels (-100) to seq_len (in a packed row the padding is one more
+   document); tiles of all images are concatenated, row after row.
 
-Skips raise energon's `SkipSample` and are counted in `encoder.skipped` (a Counter: "corrupt_image",
-"too_long", "image_mismatch") and logged. With loader worker processes each worker counts its own skips
-(the counts live in the worker's copy of the encoder; the log lines are the global record).
+Skips raise energon's `SkipSample`, are logged, and are counted in `encoder.skipped` (a Counter over
+`SKIP_REASONS`, cumulative, per process) and in each batch's `skipped` dict (the counts since the previous
+batch of the same process), which is how the counts of loader worker processes reach the trainer.
 
-Raw image bytes reach the encoder undecoded (`decoder = None`), so EXIF rotation, transparency and corrupt
-file handling are titanmm's, bit for bit the same as reading the file directly.
+Image bytes reach the encoder undecoded (`TextFieldDecoder` decodes only text and JSON fields), so EXIF
+rotation, transparency and corrupt file handling are titanmm's, bit for bit the same as reading the file
+directly, and a corrupt image is a counted skip rather than an energon decoding error.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
+import re
 from collections import Counter
-from typing import Optional
+from typing import Sequence
 
 import torch
-from megatron.energon import (Cooker, DefaultTaskEncoder, Sample, SkipSample, basic_sample_keys, cooker, edataclass,
-                              stateless)
+import webdataset.autodecode
+from megatron.energon import (CaptioningSample, Cooker, DefaultTaskEncoder, Sample, SampleDecoder, SkipSample,
+                              VQASample, basic_sample_keys, cooker, edataclass, stateless)
 
-from titanmm.data.chat import encode_conversation, expand_images, get_chat_template, sft_sample
-from titanmm.data.images import EXACT, ImageConfig, ImageDecodeError, load_image, preprocess_single, preprocess_tiles
-from titanmm.data.packed import IGNORE_INDEX
+from titanmm.data.chat import encode_caption, encode_conversation, expand_images, get_chat_template, sft_sample
+from titanmm.data.images import (EXACT, PATCH_MULTIPLE, ImageConfig, ImageDecodeError, ImageTooLargeError, load_image,
+                                 preprocess_single, preprocess_tiles)
+from titanmm.data.packed import IGNORE_INDEX, positions_within_documents
 from titanmm.data.prompts import DEFAULT_PLACEHOLDER, IMAGE_TAGS, NEMOTRON_TILE_TAG_FORMAT, TILE_TAG_FORMAT
 from titanmm.data.tiling import num_tiles_for
+from titanmm.data.vlm_data import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -56,28 +81,66 @@ logger = logging.getLogger(__name__)
 MEGATRON_TILE_BUDGETS = (12, 8, 6, 4, 2, 1)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff", "img")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# Why a sample is skipped (the batch dicts and the trainer's metrics use these names).
+SKIP_REASONS = ("corrupt_image", "image_too_large", "image_mismatch", "image_token_in_text", "too_long",
+                "not_a_caption", "no_learned_tokens")
+# A process that skips this many samples in a row stops with an error (e.g. a seq_len no sample fits), rather
+# than spinning forever through a repeating dataset.
+MAX_CONSECUTIVE_SKIPS = 1000
+_INDEXED_IMAGE = re.compile(r"^(\d+)\.(" + "|".join(IMAGE_EXTENSIONS) + r")$")
+
+
+def decode_text_field(key: str, data: bytes):
+    """webdataset decoding handler: `.txt` / `.text` fields -> str, `.json` -> the JSON value; None (keep the raw
+    bytes) for anything else, images included."""
+    extension = key.rsplit(".", 1)[-1].lower()
+    if extension in ("txt", "text"):
+        return data.decode("utf-8")
+    if extension in ("json", "jsn"):
+        return json.loads(data)
+    return None
+
+
+class TextFieldDecoder(SampleDecoder):
+    """energon's sample decoder limited to text and JSON fields: images stay raw bytes for titanmm's own
+    `load_image` (used for crude and typed samples, e.g. a CaptioningSample's `txt` caption and `jpg` image)."""
+
+    def __init__(self):
+        super().__init__()
+        self._config = {"decode": "txt / json fields; images raw"}
+        self._decoder = webdataset.autodecode.Decoder([decode_text_field], pre=[], post=[], partial=True)
 
 
 @edataclass
 class ConversationSample(Sample):
-    """A cooked LLaVA sample: chat turns ({"role", "content"}) and the raw bytes of its image (or None)."""
+    """A cooked LLaVA sample: chat turns ({"role", "content"}) and the raw bytes of its images, in order."""
 
     conversation: list
-    image: Optional[bytes] = None
+    images: list
 
 
-def llava_turns(conversations: list, has_image: bool, placeholder: str = DEFAULT_PLACEHOLDER) -> list[dict]:
-    """LLaVA `conversations` -> titanmm chat turns; adds the image placeholder when an image has none."""
+def image_files(sample: dict) -> list[bytes]:
+    """Image bytes of a crude WebDataset sample: `0.jpg`, `1.png`, ... in index order, else one `jpg` / `png` / ...."""
+    indexed = sorted((int(m.group(1)), key) for key in sample if isinstance(key, str)
+                     and (m := _INDEXED_IMAGE.match(key)))
+    if indexed:
+        return [sample[key] for _, key in indexed]
+    return [sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample][:1]
+
+
+def llava_turns(conversations: list, num_images: int | bool, placeholder: str = DEFAULT_PLACEHOLDER) -> list[dict]:
+    """LLaVA `conversations` -> titanmm chat turns; adds one placeholder per image when the text has none."""
     turns = []
     for i, turn in enumerate(conversations):
         role = LLAVA_ROLES.get(turn.get("from"))
         if role is None:
             raise ValueError(f"turn {i}: unknown LLaVA role {turn.get('from')!r}")
         turns.append({"role": role, "content": turn["value"]})
-    if has_image and not any(placeholder in t["content"] for t in turns):
+    if num_images and not any(placeholder in t["content"] for t in turns):
         first_user = next((i for i, t in enumerate(turns) if t["role"] == "user"), None)
         if first_user is not None:
-            turns[first_user] = {"role": "user", "content": placeholder + "\n" + turns[first_user]["content"]}
+            prefix = (placeholder + "\n") * int(num_images)
+            turns[first_user] = {"role": "user", "content": prefix + turns[first_user]["content"]}
     return turns
 
 
@@ -88,19 +151,36 @@ def cook_llava(sample: dict) -> ConversationSample:
     meta = sample["json"]
     if isinstance(meta, (bytes, bytearray)):
         meta = json.loads(meta.decode("utf-8"))
-    image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-    turns = llava_turns(meta["conversations"], image is not None)
-    return ConversationSample(**basic_sample_keys(sample), conversation=turns, image=image)
+    images = image_files(sample)
+    turns = llava_turns(meta["conversations"], len(images))
+    return ConversationSample(**basic_sample_keys(sample), conversation=turns, images=images)
 
 
-def image_config_from_args(image_args) -> ImageConfig:
-    """The `ImageConfig` of a model's `ImageArgs` (preset + tiling overrides)."""
+def best_answer(sample: VQASample) -> str:
+    """The reply of a VQA sample: the answer of largest weight (the first on ties), else the first answer."""
+    answers = sample.answers
+    if isinstance(answers, str):
+        return answers
+    if not answers:
+        raise ValueError("the VQA sample has no answer")
+    weights = sample.answer_weights
+    if weights is not None and len(weights) == len(answers):
+        return answers[int(torch.as_tensor(weights).argmax())]
+    return answers[0]
+
+
+def image_config_from_args(image_args, max_tiles: int = 0) -> ImageConfig:
+    """The `ImageConfig` of a model's `ImageArgs` (preset, tile size, tiling); `max_tiles` > 0 overrides the
+    most tiles per image."""
     config = ImageConfig.preset(image_args.preset)
-    if image_args.tiling == "none":
-        return config
     size = (image_args.tile_size, image_args.tile_size)
+    if image_args.tiling == "none":  # one tile of tile_size (RADIO-style patch-multiple sizing keeps its own)
+        if config.resize_mode == PATCH_MULTIPLE:
+            return config
+        return config.with_(size=size, crop_size=size if config.crop_size is not None else None)
+    most = max_tiles if max_tiles > 0 else image_args.max_tiles
     return config.with_(size=size, resize_mode=EXACT, crop_size=None, tiling=image_args.tiling,
-                        max_tiles=image_args.max_tiles, min_tiles=image_args.min_tiles,
+                        max_tiles=most, min_tiles=min(image_args.min_tiles, most),
                         use_thumbnail=image_args.use_thumbnail)
 
 
@@ -123,39 +203,73 @@ def tile_budgets(max_tiles: int) -> list[int]:
     return [max_tiles] + [b for b in MEGATRON_TILE_BUDGETS if b < max_tiles]
 
 
-class VLMTaskEncoder(DefaultTaskEncoder[ConversationSample, dict, dict, dict]):
-    """Conversation samples -> {"input_ids", "labels", "pixel_values", "num_tiles"} (see the module docstring).
+def greedy_knapsack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into bins of total length <= capacity: each bin is filled by taking the
+    longest remaining item that still fits, until none does. Deterministic (ties keep the input order)."""
+    if any(n > capacity for n in lengths):
+        raise ValueError(f"an item of length {max(lengths)} exceeds the capacity {capacity}")
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    sizes = [lengths[i] for i in order]
+    bins = []
+    while order:
+        room, chosen = capacity, []
+        while True:
+            k = bisect.bisect_right(sizes, room) - 1  # longest item that fits (the last of equal lengths)
+            if k < 0:
+                break
+            room -= sizes.pop(k)
+            chosen.append(order.pop(k))
+        bins.append(chosen)
+    return bins
+
+
+class VLMTaskEncoder(DefaultTaskEncoder[Sample, dict, dict, dict]):
+    """Image-text samples -> padded (optionally packed) micro-batches (see the module docstring).
 
     Args:
         tokenizer: titanmm tokenizer (with `token_to_id` for the chat template's special tokens).
-        chat_template: a `ChatTemplate` or its name ("llama3", "chatml", "nvlm-yi-34b", ...).
+        chat_template: a `ChatTemplate` or its name ("llama3", "chatml", "nvlm-yi-34b", "plain", ...).
         image_args: the model's `ImageArgs` (preset, tile size, tiling rule, max tiles, thumbnail, tags).
         image_token_id: the image token id (also used as the placeholder id during encoding).
         tokens_per_tile: image tokens per tile (`prompts.tokens_per_image`).
-        seq_len: model input length; a sample has at most seq_len + 1 tokens before the next-token shift.
+        seq_len: model input length; a sample has at most seq_len + 1 tokens before the next-token shift, and
+            a packed sequence at most seq_len input tokens.
+        task: "sft" or "captioning".
+        max_tiles: most tiles per image; 0 keeps `image_args.max_tiles`.
     """
 
     cookers = [Cooker(cook_llava)]
-    decoder = None  # raw bytes: titanmm decodes images itself
+    decoder = TextFieldDecoder()  # images stay raw bytes: titanmm decodes them itself
 
-    def __init__(self, tokenizer, chat_template, image_args, image_token_id: int, tokens_per_tile: int, seq_len: int):
+    def __init__(self, tokenizer, chat_template, image_args, image_token_id: int, tokens_per_tile: int, seq_len: int,
+                 *, task: str = "sft", max_tiles: int = 0):
         super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         self.tokenizer = tokenizer
         self.chat_template = get_chat_template(chat_template)
         self.image_args = image_args
-        self.image_config = image_config_from_args(image_args)
+        self.image_config = image_config_from_args(image_args, max_tiles)
         self.layout = image_layout_from_args(image_args)
         self.image_token_id = image_token_id
         self.tokens_per_tile = tokens_per_tile
         self.seq_len = seq_len
+        self.task = task
         self.pad_id = tokenizer.pad_id if getattr(tokenizer, "pad_id", None) is not None else 0
         self.skipped: Counter = Counter()
+        self._unreported: Counter = Counter()
+        self._consecutive_skips = 0
 
     # -- helpers ------------------------------------------------------------------------------
 
     def _skip(self, reason: str, key: str, detail: str) -> SkipSample:
         self.skipped[reason] += 1
+        self._unreported[reason] += 1
+        self._consecutive_skips += 1
         logger.warning("skipping sample %s (%s): %s [skipped so far: %s]", key, reason, detail, dict(self.skipped))
+        if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            raise RuntimeError(f"the last {self._consecutive_skips} samples were all skipped (skipped so far: "
+                               f"{dict(self.skipped)}); check the data against seq_len, the chat template and the task")
         return SkipSample(f"{key}: {reason}: {detail}")
 
     def _tile_count(self, image, max_tiles: int) -> int:
@@ -171,20 +285,73 @@ class VLMTaskEncoder(DefaultTaskEncoder[ConversationSample, dict, dict, dict]):
             return preprocess_single(image, self.image_config).unsqueeze(0)
         return preprocess_tiles(image, self.image_config, max_tiles)
 
-    def encode(self, turns: list, image_bytes: bytes | None, key: str = "<sample>") -> dict:
-        """Encode one conversation (+ image bytes); raises SkipSample for a corrupt image or a too-long sample."""
-        ids, mask = encode_conversation(turns, self.tokenizer, self.chat_template, image_token_id=self.image_token_id)
-        num_placeholders = sum(int(i) == self.image_token_id for i in ids)
-        image = None
-        if image_bytes is not None:
+    def _tile_shape(self) -> tuple[int, int]:
+        config = self.image_config
+        if config.crop_size is not None:
+            return tuple(config.crop_size)
+        return tuple(config.size)
+
+    def _decode(self, images: list, key: str) -> list:
+        decoded = []
+        for data in images:
             try:
-                image = load_image(image_bytes)
+                decoded.append(load_image(data))
+            except ImageTooLargeError as e:
+                raise self._skip("image_too_large", key, str(e)) from e
             except ImageDecodeError as e:
                 raise self._skip("corrupt_image", key, str(e)) from e
-        if num_placeholders != (1 if image is not None else 0):
-            raise self._skip("image_mismatch", key, f"{num_placeholders} placeholder(s) for "
-                             f"{int(image is not None)} image(s)")
-        if image is None:
+        return decoded
+
+    def sample_turns(self, sample: Sample) -> tuple[list[dict] | None, str | None, str | None, list]:
+        """(turns, caption prompt, caption, image bytes) of a sample for this task: turns for "sft", prompt and
+        caption for "captioning" (the other entries None)."""
+        if isinstance(sample, ConversationSample):
+            turns, images = sample.conversation, sample.images
+        elif isinstance(sample, CaptioningSample):
+            turns, images = [{"role": "assistant", "content": sample.caption}], [sample.image]
+        elif isinstance(sample, VQASample):
+            context = sample.context if DEFAULT_PLACEHOLDER in sample.context else \
+                DEFAULT_PLACEHOLDER + "\n" + sample.context
+            turns = [{"role": "user", "content": context}, {"role": "assistant", "content": best_answer(sample)}]
+            images = [sample.image]
+        else:  # a dataset of another sample type: a setup error, not a bad sample
+            raise TypeError(f"{sample.__key__}: {type(sample).__name__} samples are not supported; the encoder takes "
+                            "LLaVA conversations (CrudeWebdataset, see convert_llava), CaptioningSample and VQASample")
+        if self.task == "sft" and not isinstance(sample, CaptioningSample):
+            return turns, None, None, images
+        replies = [t["content"] for t in turns if t["role"] == "assistant"]
+        if len(replies) != 1:
+            raise self._skip("not_a_caption", sample.__key__, f"{len(replies)} assistant replies; captioning "
+                             "learns exactly one")
+        return None, (DEFAULT_PLACEHOLDER + "\n") * len(images), replies[0].strip(), images
+
+    def encode(self, turns: list | None, images, key: str = "<sample>", *, caption: tuple[str, str] | None = None
+               ) -> dict:
+        """Encode a conversation (or a (prompt, caption) pair) with its images (raw bytes: one, a list, or None).
+
+        Returns {"input_ids", "labels", "pixel_values" [tiles, 3, H, W], "num_tiles" [images]}; raises
+        SkipSample for a corrupt image, a placeholder / image count mismatch, no learned token or a sample
+        that does not fit in seq_len + 1 tokens with one tile per image.
+        """
+        images = [] if images is None else [images] if isinstance(images, (bytes, bytearray)) else list(images)
+        if caption is not None:
+            prompt, text = caption
+            ids, mask = encode_caption(text, prompt, self.tokenizer, self.chat_template,
+                                       image_token_id=self.image_token_id)
+            num_placeholders = prompt.count(DEFAULT_PLACEHOLDER)
+        else:
+            ids, mask = encode_conversation(turns, self.tokenizer, self.chat_template,
+                                            image_token_id=self.image_token_id)
+            num_placeholders = sum(t["content"].count(DEFAULT_PLACEHOLDER) for t in turns)
+        if sum(int(i) == self.image_token_id for i in ids) != num_placeholders:
+            raise self._skip("image_token_in_text", key, f"the text encodes to the image token id "
+                             f"{self.image_token_id}")
+        if num_placeholders != len(images):
+            raise self._skip("image_mismatch", key, f"{num_placeholders} placeholder(s) for {len(images)} image(s)")
+        if not any(mask[1:]):
+            raise self._skip("no_learned_tokens", key, "no assistant reply to learn")
+        decoded = self._decode(images, key)
+        if not decoded:
             if len(ids) - 1 > self.seq_len:
                 raise self._skip("too_long", key, f"{len(ids)} tokens > seq_len + 1 = {self.seq_len + 1}")
             out = sft_sample(ids, mask)
@@ -194,50 +361,84 @@ class VLMTaskEncoder(DefaultTaskEncoder[ConversationSample, dict, dict, dict]):
         budgets = tile_budgets(self.image_config.max_tiles) if self.image_config.tiling != "none" else [1]
         tried = []
         for budget in budgets:
-            count = self._tile_count(image, budget)
+            counts = [self._tile_count(image, budget) for image in decoded]
             expanded, loss_mask = expand_images(ids, mask, self.tokenizer, image_token_id=self.image_token_id,
-                                                tokens_per_tile=self.tokens_per_tile, num_tiles=count, **self.layout)
+                                                tokens_per_tile=self.tokens_per_tile, num_tiles=counts, **self.layout)
             tried.append((budget, len(expanded.input_ids)))
             if len(expanded.input_ids) - 1 <= self.seq_len:
                 out = sft_sample(expanded.input_ids.tolist(), loss_mask.tolist())
-                out["pixel_values"] = self.pixels(image, budget)
-                out["num_tiles"] = torch.tensor([out["pixel_values"].shape[0]], dtype=torch.long)
-                if out["pixel_values"].shape[0] != count:
-                    raise AssertionError(f"{key}: {out['pixel_values'].shape[0]} tiles made, {count} expected")
+                tiles = [self.pixels(image, budget) for image in decoded]
+                made = [t.shape[0] for t in tiles]
+                if made != counts:
+                    raise AssertionError(f"{key}: {made} tiles made, {counts} expected")
+                out["pixel_values"] = torch.cat(tiles)
+                out["num_tiles"] = torch.tensor(counts, dtype=torch.long)
                 return out
         raise self._skip("too_long", key, f"(max_tiles, tokens) tried: {tried}; seq_len + 1 = {self.seq_len + 1}")
-
-    def _tile_shape(self) -> tuple[int, int]:
-        config = self.image_config
-        if config.crop_size is not None:
-            return tuple(config.crop_size)
-        return tuple(config.size)
 
     # -- energon hooks --------------------------------------------------------------------------
 
     @stateless
-    def encode_sample(self, sample: ConversationSample) -> dict:
-        out = self.encode(sample.conversation, sample.image, sample.__key__)
-        out["__key__"] = sample.__key__
+    def encode_sample(self, sample: Sample) -> dict:
+        turns, prompt, caption, images = self.sample_turns(sample)
+        out = self.encode(turns, images, sample.__key__, caption=None if prompt is None else (prompt, caption))
+        self._consecutive_skips = 0
+        out["__keys__"] = [sample.__key__]
+        out["__restore_key__"] = sample.__restore_key__  # energon re-creates buffered samples from it on resume
+        out["document_lengths"] = [len(out["input_ids"])]
         return out
+
+    def select_samples_to_pack(self, samples: list[dict]) -> list[list[dict]]:
+        """Greedy knapsack of the buffered samples into sequences of at most seq_len tokens."""
+        bins = greedy_knapsack([len(s["input_ids"]) for s in samples], self.seq_len)
+        return [[samples[i] for i in group] for group in bins]
+
+    @stateless
+    def pack_selected_samples(self, samples: list[dict]) -> dict:
+        """One packed sample: the samples' tokens, labels and tiles concatenated, with their lengths."""
+        return {
+            "__keys__": [k for s in samples for k in s["__keys__"]],
+            "__restore_key__": (),  # energon sets it
+            "input_ids": torch.cat([s["input_ids"] for s in samples]),
+            "labels": torch.cat([s["labels"] for s in samples]),
+            "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+            "num_tiles": torch.cat([s["num_tiles"] for s in samples]),
+            "document_lengths": [n for s in samples for n in s["document_lengths"]],
+        }
 
     @stateless
     def batch(self, samples: list[dict]) -> dict:
-        """Pad to seq_len: input_ids with the pad id, labels with -100; concatenate all tiles."""
+        """Pad to seq_len (input_ids with the pad id, labels with -100; in a packed row the padding is one more
+        document), number the documents of each row, restart positions at each, concatenate all tiles; attach
+        the skip counts."""
         size = (len(samples), self.seq_len)
         input_ids = torch.full(size, self.pad_id, dtype=torch.long)
         labels = torch.full(size, IGNORE_INDEX, dtype=torch.long)
+        document_ids = torch.zeros(size, dtype=torch.long)
         for row, sample in enumerate(samples):
             n = len(sample["input_ids"])
+            if n > self.seq_len:
+                raise AssertionError(f"{sample['__keys__']}: {n} tokens exceed seq_len {self.seq_len}")
             input_ids[row, :n] = sample["input_ids"]
             labels[row, :n] = sample["labels"]
+            lengths = sample["document_lengths"]
+            if len(lengths) > 1:  # packed: 0, 0, 1, 1, 1, ...; padding gets the next id
+                document_ids[row, :n] = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+                document_ids[row, n:] = len(lengths)
+        skipped, self._unreported = dict(self._unreported), Counter()
         return {
-            "__keys__": [s["__key__"] for s in samples],
+            "__keys__": [k for s in samples for k in s["__keys__"]],
+            "__restore_key__": (),  # energon sets it
             "input_ids": input_ids,
             "labels": labels,
+            "position_ids": torch.stack([positions_within_documents(d) for d in document_ids]),
+            "document_ids": document_ids,
             "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
             "num_tiles": torch.cat([s["num_tiles"] for s in samples]),
             "images_per_sample": torch.tensor([len(s["num_tiles"]) for s in samples], dtype=torch.long),
+            "tiles_per_sample": torch.tensor([s["pixel_values"].shape[0] for s in samples], dtype=torch.long),
+            "num_tokens": torch.tensor([len(s["input_ids"]) for s in samples], dtype=torch.long),
+            "skipped": skipped,
         }
 
     @stateless

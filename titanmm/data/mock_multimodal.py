@@ -3,6 +3,9 @@
 Sample i (seeded by (seed, i)): `[bos] [image] * tokens_per_image * images_per_sample [text ...]`,
 seq_len + 1 tokens in all, and `images_per_sample` random tiles [3, H, W]. Image positions and the
 token before the first image never count in the loss, as in real captioning data.
+
+`MockVLMBatcher` serves them as the energon path does: the tiles of a micro-batch concatenated,
+pixel_values [tiles, 3, H, W], with `tiles_per_sample` [B].
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from titanmm.data.packed import IGNORE_INDEX, sample_dict
 from titanmm.data.mock import MOCK_NUM_SAMPLES
+from titanmm.data.packed import IGNORE_INDEX, sample_dict
+from titanmm.data.sampler import StepBatcher
 
 
 class MockMultimodalDataset:
@@ -45,3 +49,15 @@ class MockMultimodalDataset:
         pixels = rng.standard_normal((self.images_per_sample, 3, self.image_size, self.image_size))
         sample["pixel_values"] = torch.from_numpy(pixels.astype(np.float32))
         return sample
+
+
+class MockVLMBatcher(StepBatcher):
+    """A StepBatcher whose micro-batches hold all tiles as pixel_values [tiles, 3, H, W] (sample after sample)
+    and tiles_per_sample [B], like the energon data of `titanmm.data.vlm_data`."""
+
+    def _collate(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        batch = super()._collate([{k: v for k, v in s.items() if k != "pixel_values"} for s in samples])
+        pixels = torch.cat([s["pixel_values"] for s in samples])
+        batch["pixel_values"] = pixels.pin_memory() if self.pin_memory else pixels
+        batch["tiles_per_sample"] = torch.tensor([s["pixel_values"].shape[0] for s in samples], dtype=torch.long)
+        return batch

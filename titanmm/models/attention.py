@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 AttentionMask = torch.Tensor | object  # dense bool [B, 1, S, S] or a FlexAttention BlockMask
@@ -48,3 +49,13 @@ def causal_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.T
     if isinstance(mask, torch.Tensor):
         return F.scaled_dot_product_attention(q_bhsd, k_bhsd, v_bhsd, attn_mask=mask, enable_gqa=gqa)
     return _flex(q_bhsd, k_bhsd, v_bhsd, mask, gqa)
+
+
+class CausalAttentionKernel(nn.Module):
+    """`causal_attention` as a (parameter-free) module: the language model's attention kernel. Being a
+    module lets parallelism target exactly these calls (context parallelism hooks it to run ring
+    attention) and not other attention in the model (a vision tower's)."""
+
+    def forward(self, q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor,
+                mask: AttentionMask | None = None) -> torch.Tensor:
+        return causal_attention(q_bhsd, k_bhsd, v_bhsd, mask)

@@ -1,11 +1,13 @@
-"""Apply parallelism to a plain model, always in the same order: TP -> AC -> compile -> FSDP.
+"""Apply parallelism to a plain model, always in the same order: TP -> CP -> AC -> compile -> FSDP.
 
-1. Tensor parallel (DTensor plans) rewrites the parameters of each block into TP shards.
+1. Tensor parallel (DTensor plans) rewrites the parameters of each block into TP shards. Context
+   parallel then hooks each block's attention kernel to run ring attention (titanmm.parallel.context_parallel).
 2. Activation checkpointing wraps each block.
 3. torch.compile compiles each (wrapped) block.
 4. FSDP2 shards each block, then the root, over the data-parallel mesh (HSDP when the run has
    replicas), with bf16 parameters and fp32 gradient reduction.
-The model is still on the meta device here; the caller materialises and initialises it afterwards.
+The model (or one pipeline stage of it, see titanmm.parallel.pipeline) is still on the meta device
+here; the caller materialises and initialises it afterwards.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from torch import nn
 
 from titanmm.config.job_config import JobConfig
 from titanmm.parallel.activation_checkpoint import apply_ac
-from titanmm.parallel.compile import apply_compile
+from titanmm.parallel.compile import apply_compile, enable_async_tensor_parallel
+from titanmm.parallel.context_parallel import apply_context_parallel
+from titanmm.parallel.float8 import float8_tp_enabled
 from titanmm.parallel.fsdp import apply_fsdp
 from titanmm.parallel.parallel_dims import ParallelDims
 from titanmm.parallel.tensor_parallel import apply_tp_llama
@@ -36,16 +40,23 @@ def apply_ac_compile_fsdp(model: nn.Module, block_dicts: Sequence[nn.ModuleDict]
     """Steps 2-4 (AC, compile, FSDP2) per block of each ModuleDict, in forward order; `model` is the root unit."""
     apply_ac(block_dicts, config.activation_checkpoint.mode, config.activation_checkpoint.selective_ac_option)
     if config.compile.enable:
+        if config.compile.enable_async_tensor_parallel and dims.tp_enabled:
+            enable_async_tensor_parallel(dims.mesh_for("tp"))
         apply_compile(block_dicts)
     # On GPU FSDP2 also provides mixed precision, so it is applied even to a single data-parallel rank.
     if dims.dp > 1 or dims.cp > 1 or device_type == "cuda":
         param_dtype = config.training.mixed_precision_param if device_type == "cuda" else "float32"
         reduce_dtype = config.training.mixed_precision_reduce if device_type == "cuda" else "float32"
-        apply_fsdp(model, block_dicts, fsdp_mesh(dims), param_dtype, reduce_dtype,
-                   config.parallelism.fsdp_reshard_after_forward)
+        reshard = config.parallelism.fsdp_reshard_after_forward
+        if reshard == "default" and dims.pp > 1:  # a pipeline stage runs forward again for every microbatch
+            reshard = "never"
+        apply_fsdp(model, block_dicts, fsdp_mesh(dims), param_dtype, reduce_dtype, reshard)
 
 
 def parallelize_llama(model: nn.Module, dims: ParallelDims, config: JobConfig, device_type: str) -> None:
     if dims.tp_enabled:
-        apply_tp_llama(model, dims.mesh_for("tp"), loss_parallel=config.parallelism.enable_loss_parallel)
+        apply_tp_llama(model, dims.mesh_for("tp"), loss_parallel=config.parallelism.enable_loss_parallel,
+                       float8_tensorwise=float8_tp_enabled(model.layers, config.float8))
+    if dims.cp > 1:
+        apply_context_parallel(model.layers, dims.mesh_for("cp"))
     apply_ac_compile_fsdp(model, [model.layers], dims, config, device_type)

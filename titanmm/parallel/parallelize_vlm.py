@@ -1,4 +1,4 @@
-"""Parallelize a vision-language model, in the same order as `parallelize_llama`: TP -> AC -> compile -> FSDP.
+"""Parallelize a vision-language model, in the same order as `parallelize_llama`: TP -> CP -> AC -> compile -> FSDP.
 
 1. Tensor parallel: ViT blocks, projector and language model (`tensor_parallel_vision.apply_tp_vlm`).
 2. Activation checkpointing wraps each ViT block and each LM block.
@@ -17,21 +17,23 @@ from __future__ import annotations
 from torch import nn
 
 from titanmm.config.job_config import JobConfig
+from titanmm.parallel.context_parallel import apply_context_parallel
 from titanmm.parallel.parallel_dims import ParallelDims
 from titanmm.parallel.parallelize import apply_ac_compile_fsdp
 from titanmm.parallel.tensor_parallel_vision import apply_tp_vlm
 
 
 def block_containers(model: nn.Module) -> list[nn.ModuleDict]:
-    """The ModuleDicts of transformer blocks: the vision tower's `blocks`, then the LM's `layers`."""
-    return [model.vision.blocks, model.lm.layers]
+    """The ModuleDicts of transformer blocks: the vision tower's `blocks` (first pipeline stage only), then the
+    LM's `layers`."""
+    return ([model.vision.blocks] if model.vision is not None else []) + [model.lm.layers]
 
 
 def parallelize_vlm(model: nn.Module, dims: ParallelDims, config: JobConfig, device_type: str) -> None:
-    """Apply TP, AC, compile and FSDP2 to a `VisionLanguageModel` as configured."""
-    if getattr(dims, "pp", 1) > 1:
-        raise NotImplementedError("pipeline parallelism is not supported for vision-language models")
+    """Apply TP, AC, compile and FSDP2 to a `VisionLanguageModel` (or a pipeline stage of one) as configured."""
     if dims.tp_enabled:
         apply_tp_vlm(model, dims.mesh_for("tp"), loss_parallel=config.parallelism.enable_loss_parallel)
+    if dims.cp > 1:  # ring attention in the language model only; the vision tower sees whole images
+        apply_context_parallel(model.lm.layers, dims.mesh_for("cp"))
     # By default only the LM's last block stays gathered after forward (backward needs it first).
     apply_ac_compile_fsdp(model, block_containers(model), dims, config, device_type)

@@ -84,12 +84,20 @@ def apply_tp_projector(projector: nn.Module, tp_mesh: DeviceMesh) -> None:
 
 
 def apply_tp_lm_for_vlm(lm: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
-    """The Llama plan, with a replicated embedding output and the sequence split at the first block."""
+    """The Llama plan, with a replicated embedding output and the sequence split at the first block.
+
+    A pipeline stage without the embedding takes hidden states already split on the sequence."""
     embedding, lm.tok_embeddings = lm.tok_embeddings, None
     try:
         apply_tp_llama(lm, tp_mesh, loss_parallel)
     finally:
         lm.tok_embeddings = embedding
+    if embedding is None:
+        return
+    if not lm.layers:
+        raise ValueError("under tensor parallelism the language model's first block splits the sequence; the "
+                         "pipeline stage holding the token embedding needs at least one block "
+                         "(parallelism.pipeline_parallel_first_stage_less_layers)")
     parallelize_module(embedding, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
     first = next(iter(lm.layers.values()))
     parallelize_module(first, tp_mesh, PrepareModuleInput(input_layouts=(Replicate(), None, None),
@@ -99,7 +107,8 @@ def apply_tp_lm_for_vlm(lm: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool)
 
 
 def apply_tp_vlm(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
-    """TP for all three parts of a `VisionLanguageModel`."""
-    apply_tp_vision(model.vision, tp_mesh)
-    apply_tp_projector(model.projector, tp_mesh)
+    """TP for all three parts of a `VisionLanguageModel` (a pipeline stage after the first has only the LM)."""
+    if model.vision is not None:
+        apply_tp_vision(model.vision, tp_mesh)
+        apply_tp_projector(model.projector, tp_mesh)
     apply_tp_lm_for_vlm(model.lm, tp_mesh, loss_parallel)

@@ -41,6 +41,10 @@ LLAMA_FLAVORS: dict[str, TransformerArgs] = {
                                       vocab_size=2048, rope_theta=500000.0, max_seq_len=512,
                                       rope_scaling=RopeScaling(factor=8.0, original_max_position=64),
                                       bos_token_id=1, eos_token_id=2),
+    # The language model of `python -m titanmm.demo` (demo_vlm): half the debug model's width, so the whole
+    # demo trains in minutes on a laptop CPU.
+    "demo_lm": TransformerArgs(dim=128, n_layers=4, n_heads=8, n_kv_heads=4, ffn_hidden_dim=384, vocab_size=2048,
+                               rope_theta=10000.0, max_seq_len=512, bos_token_id=1, eos_token_id=2),
     "debug_qwen2": TransformerArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=160, vocab_size=2048,
                                    rope_theta=1000000.0, norm_eps=1e-6, max_seq_len=512, qkv_bias=True,
                                    tie_word_embeddings=True, bos_token_id=None, eos_token_id=2),

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from titanmm.models import init
-from titanmm.models.attention import AttentionMask, causal_attention, document_mask
+from titanmm.models.attention import AttentionMask, CausalAttentionKernel, document_mask
 from titanmm.models.kv_cache import KVCache, LayerKVCache
 from titanmm.models.llama.args import TransformerArgs
 from titanmm.models.norms import RMSNorm
@@ -27,6 +27,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.kernel = CausalAttentionKernel()
 
     def forward(self, x_bsd: torch.Tensor, rope_bs2d: torch.Tensor, mask: AttentionMask | None,
                 cache: LayerKVCache | None = None) -> torch.Tensor:
@@ -41,7 +42,7 @@ class Attention(nn.Module):
         k_bhsd, v_bhsd = k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k_bhsd, v_bhsd = cache.update(k_bhsd, v_bhsd)
-        out = causal_attention(q.transpose(1, 2), k_bhsd, v_bhsd, mask)
+        out = self.kernel(q.transpose(1, 2), k_bhsd, v_bhsd, mask)
         return self.wo(out.transpose(1, 2).reshape(bs, seq, -1))
 
 

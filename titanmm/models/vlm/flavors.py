@@ -106,6 +106,12 @@ def _build() -> dict[str, VLMArgs]:
     add("debug_vlm_radio", "radio", _vision("radio", "debug_radio", image_size=64),
         ProjectorArgs(vision_dim=64, hidden_dim=256, output_dim=debug_lm.dim, layer_norm=True, pixel_shuffle=True),
         debug_lm, 2047, dataclasses.replace(_NEMOTRON_IMAGE, tile_size=64, max_tiles=2))
+    # `python -m titanmm.demo`: a 2-block CLIP-like tower on 64x64 images (8x8 patches of 8 px, the last
+    # block's features), pixel shuffle to 16 image tokens, and the demo language model.
+    demo_lm = _lm("demo_lm")
+    add("demo_vlm", "clip", _vision("clip", "debug_clip", image_size=64, num_layers=2, select_layer=-1),
+        ProjectorArgs(vision_dim=64, hidden_dim=256, output_dim=demo_lm.dim, pixel_shuffle=True), demo_lm, 2047,
+        ImageArgs(preset="clip_336", tile_size=64))
     return flavors
 
 

@@ -40,14 +40,26 @@ class VisionLanguageModel(nn.Module):
         self.lm = Transformer(args.lm)
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                tile_mask: torch.Tensor | None = None,
+                image_feature_index: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, S], pixel_values [T, 3, H, W] (all tiles of the batch, or None) -> logits [B, S, V].
 
         A batch without images passes None, or (for FSDP training, where every rank must run the
-        vision tower) an empty [0, 3, H, W] tensor.
+        vision tower) an empty [0, 3, H, W] tensor. The tiles may also come by sample,
+        [B, N, 3, H, W] (pipeline parallelism splits every input along the batch): all N are used,
+        or those where `tile_mask` [B, N] is True when samples have fewer than N.
 
         position_ids / document_ids [B, S] are passed to the language model (packed sequences).
+        image_feature_index [B, S]: the row of the image embeddings each image token takes, when the
+        sequence is only a part of the batch's (context parallelism); by default they go in order.
+        On a pipeline stage without the token embedding, `input_ids` holds the hidden states of the
+        previous stage and the language model's blocks here take over (the images were used before).
         """
+        if self.lm.tok_embeddings is None:
+            return self.lm(input_ids, position_ids, document_ids)
+        if pixel_values is not None and pixel_values.ndim == 5:
+            pixel_values = pixel_values[tile_mask] if tile_mask is not None else pixel_values.flatten(0, 1)
         h_bsd = self.lm.tok_embeddings(input_ids)
         if pixel_values is not None and pixel_values.shape[0] == 0:
             # No images on this rank, but the tower must still run: under FSDP its parameter
@@ -56,6 +68,8 @@ class VisionLanguageModel(nn.Module):
             h_bsd = self.merge_image_embeddings(input_ids, h_bsd, None) + 0.0 * blank_nd.sum()
         else:
             images_nd = self.encode_images(pixel_values) if pixel_values is not None else None
+            if image_feature_index is not None and images_nd is not None:
+                images_nd = images_nd[image_feature_index[input_ids == self.args.image_token_id]]
             h_bsd = self.merge_image_embeddings(input_ids, h_bsd, images_nd)
         return self.lm.forward_embeddings(h_bsd, position_ids, document_ids)
 
@@ -102,7 +116,11 @@ class VisionLanguageModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, buffer_device: torch.device | None = None) -> None:
-        """Deterministic, layout-independent initialisation of all three parts (and the LM's RoPE table)."""
-        self.vision.init_weights(seed)
-        self.projector.init_weights(seed)
+        """Deterministic, layout-independent initialisation of all three parts (and the LM's RoPE table).
+
+        Each parameter's values depend only on its name and the seed, so a pipeline stage holding part
+        of the model initialises it exactly as the whole model would."""
+        if self.vision is not None:  # pipeline stages after the first have neither
+            self.vision.init_weights(seed)
+            self.projector.init_weights(seed)
         self.lm.init_weights(seed, buffer_device=buffer_device)

@@ -1,0 +1,151 @@
+"""Greedy decoding throughput of `titanmm.generate` and the memory-bandwidth bound of batch 1.
+
+    python benchmarks/decode_throughput.py --flavor llama3_8b --batch 1 32 --prompt-len 128 --new-tokens 128 \
+        [--warmup 2] [--iters 3] [--json OUT.json]
+
+The model has random weights, built the way `titanmm.load` builds a checkpoint's (fp32 initialisation on the
+device, then cast to --dtype). Each batch gets random prompts of --prompt-len tokens; every generate call runs
+greedy decoding to --new-tokens new tokens (no EOS), prefill included. After --warmup untimed calls, the median
+of --iters timed calls gives new tokens/s = batch x new tokens / seconds per call.
+
+Bandwidth bound: a device-to-device copy of a 4 GiB buffer (median of 10) measures the memory bandwidth (bytes
+read + written per second). Every decode step reads each weight once (the input embedding only by row), so one
+sequence cannot decode faster than bandwidth / weight bytes tokens/s; the fraction of that bound batch 1 reaches
+is printed and written (the KV cache reads, small at these lengths, are not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from titanmm.generate import generate  # noqa: E402
+from titanmm.models.llama import LLAMA_FLAVORS, Transformer  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, gib: float = 4.0, iters: int = 10) -> float:
+    """Bytes per second moved (read + written) by `dst.copy_(src)` of a `gib` GiB buffer, median of `iters`."""
+    numel = int(gib * 2**30) // 2
+    src = torch.ones(numel, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(iters + 2):
+        synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    moved = 2 * src.numel() * src.element_size()
+    del src, dst
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return moved / statistics.median(times)
+
+
+def build_model(flavor: str, dtype: torch.dtype, device: torch.device) -> Transformer:
+    """A random-weight model of `flavor`, as titanmm.load builds one: fp32 init on the device, then cast."""
+    with torch.device("meta"):
+        model = Transformer(LLAMA_FLAVORS[flavor])
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights(buffer_device=device)
+    return model.to(dtype=dtype).eval()
+
+
+def weights_read(model: Transformer) -> tuple[int, int]:
+    """(parameters, bytes) of the weights one decode step reads: all but the input embedding table."""
+    embedding = model.tok_embeddings.weight
+    read = [p for p in model.parameters() if p is not embedding]
+    return sum(p.numel() for p in read), sum(p.numel() * p.element_size() for p in read)
+
+
+def time_batch(model: Transformer, batch: int, prompt_len: int, new_tokens: int, warmup: int, iters: int,
+               device: torch.device, compile: bool = False) -> dict:
+    generator = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(0, model.args.vocab_size - 1, (batch, prompt_len), generator=generator)
+    for _ in range(warmup):
+        generate(model, prompts, max_new_tokens=new_tokens, compile=compile)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(iters):
+        synchronize(device)
+        start = time.perf_counter()
+        out = generate(model, prompts, max_new_tokens=new_tokens, compile=compile)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        if any(len(ids) != new_tokens for ids in out.token_ids):
+            raise RuntimeError(f"a row stopped before {new_tokens} new tokens")
+    seconds = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"new_tokens_per_s": batch * new_tokens / seconds, "seconds_per_call": seconds,
+            "seconds_all_calls": times, "peak_mem_gib": peak}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--flavor", default="llama3_8b", choices=sorted(LLAMA_FLAVORS))
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed generate calls per batch")
+    parser.add_argument("--iters", type=int, default=3, help="timed generate calls per batch (median)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true",
+                        help="compiled decode step (CUDA graphs on GPU; titanmm.generate compile=True)")
+    parser.add_argument("--json", default=None, help="write the results to this file")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    bandwidth = copy_bandwidth(device, gib=4.0 if device.type == "cuda" else 0.25)
+    model = build_model(args.flavor, DTYPES[args.dtype], device)
+    params, nbytes = weights_read(model)
+    bound = bandwidth / nbytes
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{name}: copy bandwidth {bandwidth / 1e9:,.0f} GB/s; {args.flavor} {args.dtype} weights read per step "
+          f"{nbytes / 1e9:.2f} GB -> batch-1 bound {bound:,.1f} tok/s", flush=True)
+    batches = {}
+    for batch in args.batch:
+        r = time_batch(model, batch, args.prompt_len, args.new_tokens, args.warmup, args.iters, device, args.compile)
+        if batch == 1:
+            r["bandwidth_bound_fraction"] = r["new_tokens_per_s"] / bound
+        batches[str(batch)] = r
+        bound_note = f", {100 * r['bandwidth_bound_fraction']:.1f}% of the bandwidth bound" if batch == 1 else ""
+        peak = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f} GiB"
+        print(f"titanmm generate {args.flavor} B={batch}: {r['new_tokens_per_s']:,.1f} new tok/s "
+              f"({r['seconds_per_call']:.2f} s per call of {args.new_tokens} tokens){bound_note}, peak {peak}",
+              flush=True)
+    result = {"device": name, "flavor": args.flavor, "dtype": args.dtype, "compile": args.compile,
+              "prompt_len": args.prompt_len,
+              "new_tokens": args.new_tokens, "warmup": args.warmup, "iters": args.iters,
+              "hbm_copy_bytes_per_s": bandwidth, "params_read": params, "weight_bytes": nbytes,
+              "bandwidth_bound_tokens_per_s": bound, "batches": batches}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""FP8 (torchao float8): which layers are converted, config checks, and emulated-FP8 training on CPU layouts.
+
+Real FP8 matmuls need an H100/H200 (tests/gpu/test_gpu_float8.py); here torchao's emulation runs the same
+casts and scaling in high precision, so the layouts (FSDP2 with FP8 all-gather, TP, resume) are checked
+against the single-process run as for bf16.
+"""
+
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("torchao.float8")
+
+from titanmm.config import load_config  # noqa: E402
+from titanmm.config.job_config import Float8  # noqa: E402
+from titanmm.config.loader import ConfigError  # noqa: E402
+from titanmm.models import get_model_spec  # noqa: E402
+from titanmm.parallel.float8 import convert_to_float8, float8_tp_enabled, matches_fqn  # noqa: E402
+from tests.utils import REPO, logged, run_training  # noqa: E402
+
+DEBUG = str(REPO / "train_configs" / "debug_llama.toml")
+COMMON = ["--training.steps=4", "--training.seq_len=128", "--training.global_batch_size=8",
+          "--lr_scheduler.warmup_steps=2", "--float8.enable=true", "--float8.emulate=true"]
+
+
+def test_matches_fqn_by_path_component():
+    assert matches_fqn("output", ["output"]) and matches_fqn("lm.output", ["output"])
+    assert matches_fqn("vision.blocks.0.attn.qkv", ["vision"])
+    assert not matches_fqn("lm.layers.0.attention.wo", ["output", "w"])
+    assert matches_fqn("vision.patch_embed", ["patch_embed"])
+
+
+def test_conversion_skips_head_patch_embedding_and_odd_shapes():
+    from torchao.float8.float8_linear import Float8Linear
+
+    spec = get_model_spec("vlm")
+    with torch.device("meta"):
+        model = spec.model_cls(spec.flavors["debug_vlm_radio"])  # its patch embedding is a Linear
+        model.extra = nn.Linear(24, 32)  # 24 is not a multiple of 16
+    converted = convert_to_float8(model, Float8(enable=True, emulate=True))
+    assert "lm.output" not in converted and "vision.patch_embed" not in converted and "extra" not in converted
+    assert isinstance(model.vision.patch_embed, nn.Linear) and not isinstance(model.vision.patch_embed, Float8Linear)
+    lm_linears = [n for n, m in model.lm.layers.named_modules() if isinstance(m, nn.Linear)]
+    assert lm_linears and all(isinstance(model.lm.layers.get_submodule(n), Float8Linear) for n in lm_linears)
+    assert "projector.linear_1" in converted
+    # The parameter names do not change: checkpoints stay interchangeable with bf16 runs.
+    with torch.device("meta"):
+        plain = spec.model_cls(spec.flavors["debug_vlm_radio"])
+    assert {n for n, _ in plain.named_parameters()} == {n for n, _ in model.named_parameters()} - {
+        "extra.weight", "extra.bias"}
+    # Float8 TP styles only with real FP8 (CPU process groups cannot move float8 tensors).
+    assert not float8_tp_enabled(model.lm.layers, Float8(enable=True, emulate=True))
+    assert float8_tp_enabled(model.lm.layers, Float8(enable=True))
+    assert not float8_tp_enabled(model.lm.layers, Float8(enable=True, recipe="rowwise"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--float8.recipe=blockwise"], "float8.recipe = 'blockwise'"),
+    (["--float8.backend=te"], "Transformer Engine is not offered"),
+])
+def test_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEBUG, overrides)
+
+
+@pytest.mark.slow
+def test_emulated_float8_layouts_match_single_process(tmp_path):
+    """tensorwise: 1 rank == FSDP2 x 2 (FP8 all-gather + precomputed scales), and a resume from step 2 on
+    FSDP2 continues the same losses; rowwise: 1 rank == TP 2. FP8 emulation stays within 1e-3 of float32."""
+    runs = {
+        "fp32": (1, ["--training.local_batch_size=4", "--float8.enable=false"]),
+        "tensorwise_1": (1, ["--training.local_batch_size=4"]),
+        "tensorwise_fsdp2": (2, ["--training.local_batch_size=4", "--checkpoint.enable=true",
+                                 "--checkpoint.interval=2"]),
+        "rowwise_1": (1, ["--training.local_batch_size=4", "--float8.recipe=rowwise"]),
+        "rowwise_tp2": (2, ["--training.local_batch_size=8", "--float8.recipe=rowwise",
+                            "--parallelism.tensor_parallel_degree=2"]),
+    }
+    losses = {}
+    for name, (nproc, overrides) in runs.items():
+        run_training(nproc, tmp_path / name, COMMON + overrides)
+        losses[name] = logged(tmp_path / name)
+    for step, ref in losses["fp32"].items():
+        assert abs(losses["tensorwise_1"][step] - ref) <= 1e-3 * ref
+    for single, layout in (("tensorwise_1", "tensorwise_fsdp2"), ("rowwise_1", "rowwise_tp2")):
+        for step, ref in losses[single].items():
+            assert abs(losses[layout][step] - ref) <= 1e-5 * ref, (layout, step, losses[layout][step], ref)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "tensorwise_fsdp2" / "checkpoint" / "step-2", resumed / "checkpoint" / "step-2")
+    run_training(2, resumed, COMMON + runs["tensorwise_fsdp2"][1])
+    after = logged(resumed)
+    assert sorted(after) == [3, 4]
+    for step in (3, 4):
+        assert abs(after[step] - losses["tensorwise_fsdp2"][step]) <= 1e-6 * after[step]
