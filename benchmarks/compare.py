@@ -92,6 +92,7 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload("decode_llama3_8b", "decode", 1, TRANSFORMERS, seq_len=128, decode_batches=(1, 32)),
 ]}
 VLM_FLAVOR = "llava_mistral_7b_clip336"
+LLAMA3_VOCAB = 128256  # torchtitan takes its vocabulary size from the tokenizer: benchmarks/torchtitan_assets.py
 DECODE_FLAVOR, DECODE_NEW_TOKENS, DECODE_WARMUP, DECODE_ITERS = "llama3_8b", 128, 2, 3
 
 
@@ -156,12 +157,16 @@ def torchtitan_argv(w: Workload, gpus: int, steps: int, dump: Path, assets: Path
     return _torchrun(gpus, "--local-ranks-filter", "0", "--role", "rank", "--tee", "3") + args
 
 
-def plan(w: Workload, gpus: int, steps: int, work: Path, titanmm_args: list[str] = ()) -> list[Run]:
-    """The processes of one comparison, in order. `titanmm_args` are appended to titanmm's command."""
+def plan(w: Workload, gpus: int, steps: int, work: Path, titanmm_args: list[str] = (),
+         peer_args: list[str] = ()) -> list[Run]:
+    """The processes of one comparison, in order. `titanmm_args` / `peer_args` are appended to the commands of
+    titanmm / the peer (training peers only)."""
     runs = _plan(w, gpus, steps, work)
     for run in runs:
         if run.side == "titanmm":
             run.argv += list(titanmm_args)
+        elif run.side == "peer":
+            run.argv += list(peer_args)
     return runs
 
 
@@ -169,8 +174,8 @@ def _plan(w: Workload, gpus: int, steps: int, work: Path) -> list[Run]:
     if w.kind == "lm":
         assets = work / "torchtitan_assets"
         return [
-            Run("setup", "torchtitan assets", [sys.executable, str(PEERS / "torchtitan" / "make_assets.py"),
-                                               str(assets)]),
+            Run("setup", "torchtitan assets", [sys.executable, "benchmarks/torchtitan_assets.py", str(assets),
+                                               f"--vocab-size={LLAMA3_VOCAB}"]),
             Run("titanmm", "titanmm", titanmm_train_argv(w, gpus, steps, work / "titanmm"), dict(ALLOC_CONF),
                 output=work / "titanmm" / "metrics.jsonl"),
             Run("peer", TORCHTITAN, torchtitan_argv(w, gpus, steps, work / "torchtitan", assets),
@@ -551,6 +556,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--titanmm-arg", action="append", default=[], metavar="ARG",
                         help="append ARG to titanmm's command (repeatable; e.g. --titanmm-arg=--compile.enable=false "
                              "for an experiment: the sides are then no longer alike)")
+    parser.add_argument("--peer-arg", action="append", default=[], metavar="ARG",
+                        help="append ARG to the peer's command (training workloads; repeatable; e.g. "
+                             "--peer-arg=--activation_checkpoint.mode --peer-arg=none for torchtitan)")
+    parser.add_argument("--tag", default="", help="suffix of the results file's name, for a variant of a workload")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of both sides and exit")
     args = parser.parse_args(argv)
 
@@ -558,6 +567,10 @@ def main(argv: list[str] | None = None) -> int:
     gpus = args.gpus or w.gpus
     if w.kind != "lm" and gpus != 1:
         parser.error(f"{w.name} runs on one GPU")
+    if args.peer_arg and w.kind == "decode":
+        parser.error("--peer-arg applies to the training workloads")
+    if args.tag and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.tag):
+        parser.error(f"--tag {args.tag!r}: letters, digits, '_', '.', '-' only")
     if w.kind != "decode" and args.steps <= args.warmup:
         parser.error(f"--steps {args.steps} leaves no step after --warmup {args.warmup}")
     command = shlex.join(["python", "benchmarks/compare.py", *(sys.argv[1:] if argv is None else argv)])
@@ -565,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         work = Path(tempfile.gettempdir()) / f"titanmm_compare_{w.name}"
         print(f"# {w.name}: {gpus} GPU(s); peer {w.peer}")
-        for run in plan(w, gpus, args.steps, work, args.titanmm_arg):
+        for run in plan(w, gpus, args.steps, work, args.titanmm_arg, args.peer_arg):
             print(f"# {run.side}: {run.label}\n{run.shell()}")
         return 0
 
@@ -577,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + args.time_limit if args.time_limit else None
     device = device_name()
     date = datetime.date.today().isoformat()
-    stem = f"{date}_{device_slug(device, gpus)}_{w.name}" + (f"_{args.only}_only" if args.only else "")
+    stem = f"{date}_{device_slug(device, gpus)}_{w.name}" + (f"_{args.tag}" if args.tag else "") \
+        + (f"_{args.only}_only" if args.only else "")
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     log_path = Path(args.log) if args.log else results_dir / f"{stem}.log"
@@ -588,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix=f"titanmm_compare_{w.name}_"))
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n##### {command}  ({device}, {date})\n")
-        for run in plan(w, gpus, args.steps, work, args.titanmm_arg):
+        for run in plan(w, gpus, args.steps, work, args.titanmm_arg, args.peer_arg):
             side = "peer" if run.side == "setup" else run.side
             if args.only and side != args.only:
                 continue
@@ -621,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
               "decode": "peak allocated"}[w.kind]
     result = {
         "workload": w.name, "device": device, "gpus": gpus, "date": date, "commit": commit(), "command": command,
-        "peer_name": w.peer,
+        "peer_name": w.peer, "variant": args.tag or None,
         "settings": settings(w, args.steps, args.warmup),
         "memory": memory,
         "titanmm": sides["titanmm"], "peer": sides["peer"],

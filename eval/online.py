@@ -54,6 +54,9 @@ class OnlineEval:
         self.chat_template = config.multimodal.chat_template or default_chat_template(model.args)
         self.model = model
         self.device = device
+        from titanmm.parallel.parallelize import mixed_precision_context
+
+        self.mixed_precision = mixed_precision_context(dims, config, device.type)  # the trainer's (autocast on 1 GPU)
         self.tokenizer = build_tokenizer(config.model.tokenizer_path)
         dp_mesh = dims.mesh_for("dp")
         self.dp_rank, self.dp_degree = dp_mesh.get_local_rank(), dp_mesh.size()
@@ -94,7 +97,7 @@ class OnlineEval:
             model.unshard()
         captions: dict[int, str] = {}
         try:
-            with torch.compiler.set_stance("force_eager"):
+            with torch.compiler.set_stance("force_eager"), self.mixed_precision:
                 for first in range(0, len(indices), self.config.batch_size):
                     batch = indices[first:first + self.config.batch_size]
                     prompts, pixels = [], []

@@ -36,12 +36,16 @@ from titanmm.data.vlm_data import VLMData, build_vlm_data, tiles_by_sample
 from titanmm.distributed import all_reduce, init_distributed
 from titanmm.metrics import MetricsLogger
 from titanmm.models import get_model_spec
+from titanmm.models.attention import set_sdpa_backends
 from titanmm.models.vlm.freeze import freeze
 from titanmm.optim import build_lr_scheduler, build_optimizer, clip_grad_norm_
 from titanmm.parallel import PARALLELIZE_FNS, ParallelDims
 from titanmm.parallel.context_parallel import context_parallel_micro_batch, image_feature_index
-from titanmm.parallel.float8 import convert_to_float8, precompute_scales, register_scale_precompute
+from titanmm.parallel.float8 import (convert_to_float8, for_shard_degree, precompute_scales,
+                                    register_scale_precompute)
+from titanmm.parallel.parallelize import frozen_params_dtype, mixed_precision_context
 from titanmm.parallel.pipeline import build_schedule, split_model
+from titanmm.utils.profiling import Profiler
 from titanmm.utils.signals import PreemptionHandler
 
 logger = logging.getLogger("titanmm")
@@ -98,6 +102,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         self.dump_folder = Path(config.job.dump_folder)
         self.dump_folder.mkdir(parents=True, exist_ok=True)
+        # Before the model: CUDA memory snapshots then show where the weights were allocated.
+        self.profiler = Profiler(config.profiling, self.dump_folder, self.rank, self.device)
 
         # The loss upcasts the [tokens, vocabulary] logits to float32: compiled, the cast fuses into the
         # cross-entropy kernels instead of materialising a float32 copy (and its gradient) of the logits.
@@ -106,14 +112,19 @@ class Trainer:
         compile_loss = config.compile.enable and not loss_parallel_on
         self.loss_fn = torch.compile(cross_entropy_sum) if compile_loss else cross_entropy_sum
 
+        set_sdpa_backends(config.model.sdpa_backends)  # before the blocks are compiled
+        # One GPU without parallelism: torch.autocast around the forward (else FSDP2 casts the parameters).
+        self.mixed_precision = mixed_precision_context(self.dims, config, self.device.type)
         # Model: built on meta, parallelized, then materialised shard by shard and initialised.
         self.model_spec, self.model_args = model_args_for(config)
         self.lm_args = language_model_args(self.model_args)
         with torch.device("meta"):
             self.model = self.model_spec.model_cls(self.model_args)
+        config.float8 = for_shard_degree(config.float8, self.dims.dp_shard * self.dims.cp)
         if config.float8.enable:  # before parallelism: TP / FSDP2 see the float8 linears
             convert_to_float8(self.model, config.float8)
-        if config.model.freeze and freeze(self.model, config.model.freeze) == 0:  # before FSDP2 and the optimizer
+        frozen_dtype = frozen_params_dtype(config, self.device.type)  # frozen weights materialise in it
+        if config.model.freeze and freeze(self.model, config.model.freeze, frozen_dtype) == 0:  # before FSDP2, optim
             raise ConfigError(f"model.freeze = {config.model.freeze} leaves no parameter to train")
         # With pipeline parallelism each rank holds stages (copies of the model keeping their part of it)
         # and `self.model` stays the whole model on the meta device: its shape, never run.
@@ -172,7 +183,8 @@ class Trainer:
         if self.rank == 0:
             n_params = sum(p.numel() for p in self.model.parameters())
             n_frozen = sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
-            frozen = f" ({n_frozen:,} frozen: {', '.join(config.model.freeze)})" if n_frozen else ""
+            frozen_as = str(frozen_dtype).removeprefix("torch.")
+            frozen = f" ({n_frozen:,} frozen, in {frozen_as}: {', '.join(config.model.freeze)})" if n_frozen else ""
             logger.info(f"model {self.model_spec.name} ({config.model.flavor}): {n_params:,} parameters{frozen}; "
                         f"mesh {self.dims}; global batch {global_batch} (grad accumulation {self.grad_accum_steps})")
 
@@ -226,7 +238,9 @@ class Trainer:
         if "image_feature_index" in batch:  # context parallel: which image embedding each image token takes
             extra["image_feature_index"] = batch["image_feature_index"]
         weights = batch["loss_weights"].to(self.device) if "loss_weights" in batch else None  # sqrt_length scaling
-        return self.loss_fn(self.model(inputs, **extra), labels, weights)
+        with self.mixed_precision:
+            logits = self.model(inputs, **extra)
+        return self.loss_fn(logits, labels, weights)
 
     def _pipeline_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The schedule's loss of one microbatch: its summed token cross-entropy times the step's normalisation
@@ -327,6 +341,7 @@ class Trainer:
         gc.disable()
         losses = []
         tokens_since_log, time_last_log = 0, time.perf_counter()
+        self.profiler.start(self.train_state.step)
         try:
             while self.train_state.step < cfg.training.steps:
                 step_index = self.train_state.step  # 0-based index of the step being run
@@ -352,11 +367,16 @@ class Trainer:
                     tokens_since_log, time_last_log = 0, now
                 stop = self.preemption.should_stop()
                 self.checkpoint.save(step, last=step == cfg.training.steps or stop)
+                self.profiler.step(step)
                 if stop:
                     if self.rank == 0:
                         logger.warning(f"preemption signal: saved step {step}, exiting")
                     break
+        except torch.OutOfMemoryError:
+            self.profiler.out_of_memory()  # memory snapshot of the failed step
+            raise
         finally:
+            self.profiler.stop()
             self.checkpoint.close()
             self.metrics.close()
             self.preemption.close()

@@ -17,7 +17,8 @@ from titanmm.config import load_config  # noqa: E402
 from titanmm.config.job_config import Float8  # noqa: E402
 from titanmm.config.loader import ConfigError  # noqa: E402
 from titanmm.models import get_model_spec  # noqa: E402
-from titanmm.parallel.float8 import convert_to_float8, float8_tp_enabled, matches_fqn  # noqa: E402
+from titanmm.parallel.float8 import (convert_to_float8, float8_tp_enabled, for_shard_degree,  # noqa: E402
+                                    matches_fqn, uses_float8_all_gather)
 from tests.utils import REPO, logged, run_training  # noqa: E402
 
 DEBUG = str(REPO / "train_configs" / "debug_llama.toml")
@@ -54,6 +55,18 @@ def test_conversion_skips_head_patch_embedding_and_odd_shapes():
     assert not float8_tp_enabled(model.lm.layers, Float8(enable=True, emulate=True))
     assert float8_tp_enabled(model.lm.layers, Float8(enable=True))
     assert not float8_tp_enabled(model.lm.layers, Float8(enable=True, recipe="rowwise"))
+
+
+def test_no_float8_all_gather_without_sharding():
+    """One FSDP2 shard: the float8 all-gather is off (it would only move the weight cast out of the compiled
+    blocks); with two or more it stays as configured."""
+    config = Float8(enable=True)
+    assert uses_float8_all_gather(config)
+    single = for_shard_degree(config, 1)
+    assert not single.enable_fsdp_float8_all_gather and not single.precompute_float8_dynamic_scale_for_fsdp
+    assert for_shard_degree(config, 2) is config
+    rowwise = Float8(enable=True, recipe="rowwise")
+    assert for_shard_degree(rowwise, 1) is rowwise
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -142,16 +142,23 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
 def validate(config: JobConfig, world_size: int | None = None) -> None:
     """Reject impossible settings before any model is built."""
     from titanmm.models import MODEL_SPECS
+    from titanmm.models.attention import SDPA_BACKENDS
 
     c = config
     trainable = ("llama", "vlm")
     if c.model.name not in trainable:
         raise ConfigError(f"model.name = {c.model.name!r}; the trainer takes {list(trainable)}")
     flavors = MODEL_SPECS[c.model.name].flavors
+    unknown = [b for b in c.model.sdpa_backends if b not in SDPA_BACKENDS]
+    if unknown or len(set(c.model.sdpa_backends)) != len(c.model.sdpa_backends):
+        raise ConfigError(f"model.sdpa_backends = {c.model.sdpa_backends}: expected distinct names from "
+                          f"{sorted(SDPA_BACKENDS)}")
     if not c.model.hf_config and c.model.flavor not in flavors:
         raise ConfigError(f"model.flavor = {c.model.flavor!r} is not a {c.model.name} flavor; known: {sorted(flavors)}")
     _positive("model.n_layers", c.model.n_layers, allow_zero=True)
     _validate_multimodal(c)
+    _choice("training.single_device_mixed_precision", c.training.single_device_mixed_precision, ("autocast", "fsdp"))
+    _choice("training.frozen_params_dtype", c.training.frozen_params_dtype, ("param", "bfloat16", "float16", "float32"))
     _choice("optimizer.name", c.optimizer.name, ("AdamW", "Adam"))
     _choice("optimizer.implementation", c.optimizer.implementation, ("fused", "foreach", "for-loop"))
     _positive("optimizer.lr", c.optimizer.lr, allow_zero=True)
@@ -196,6 +203,7 @@ def validate(config: JobConfig, world_size: int | None = None) -> None:
         raise ConfigError("checkpoint.initial_load_path and checkpoint.initial_load_hf are both set; choose one")
     _positive("metrics.log_freq", c.metrics.log_freq)
     _validate_eval(c)
+    _validate_profiling(c)
     if world_size is not None:
         validate_degrees(config, world_size)
 
@@ -368,6 +376,18 @@ def _validate_eval(c: JobConfig) -> None:
         raise ConfigError("eval.enable = true needs pycocoevalcap for CIDEr: pip install -e '.[eval]'") from None
     if shutil.which("java") is None:
         raise ConfigError("eval.enable = true needs Java (pycocoevalcap's PTB tokenizer runs in it)")
+
+
+def _validate_profiling(c: JobConfig) -> None:
+    """The [profiling] section: each profiled window (wait, warmup, active steps) must fit in profile_freq steps."""
+    p = c.profiling
+    for key in ("profile_freq", "profiler_active", "snapshot_max_entries"):
+        _positive(f"profiling.{key}", getattr(p, key))
+    _positive("profiling.profiler_warmup", p.profiler_warmup, allow_zero=True)
+    if p.enable_profiling and p.profiler_warmup + p.profiler_active > p.profile_freq:
+        raise ConfigError(f"profiling.profiler_warmup + profiling.profiler_active = "
+                          f"{p.profiler_warmup + p.profiler_active} exceeds profiling.profile_freq = {p.profile_freq}: "
+                          "each window of warm-up and recorded steps must fit within profile_freq steps")
 
 
 def language_model_args(args):

@@ -1,7 +1,7 @@
 """Attention kernels shared by all models.
 
 `causal_attention` runs causal self-attention through `scaled_dot_product_attention` (flash or
-cuDNN on GPU). When documents are packed into one sequence, `document_mask` builds a mask that
+cuDNN on GPU; `set_sdpa_backends` picks which, `[model] sdpa_backends` in a training config). When documents are packed into one sequence, `document_mask` builds a mask that
 keeps every token inside its own document: a FlexAttention block mask on GPU, a dense boolean
 mask elsewhere. Masks are built once per batch, outside the (compiled) blocks.
 """
@@ -11,11 +11,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 AttentionMask = torch.Tensor | object  # dense bool [B, 1, S, S] or a FlexAttention BlockMask
 
 _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+def set_sdpa_backends(names: list[str]) -> None:
+    """Put these scaled_dot_product_attention backends first, in this order, in the process-wide priority
+    order (the others keep theirs, after them): every SDPA call takes the first backend that accepts its
+    inputs. Process-wide because a priority set by `sdpa_kernel(..., set_priority=True)` inside a compiled
+    region is dropped when torch.compile re-creates the context. On an H100 cuDNN's kernels run Llama 3 8B's
+    causal attention (seq 8192, forward + backward) in 3.6 ms against flash attention's 6.7 ms
+    (benchmarks/attention_backends.py)."""
+    if not names:
+        return
+    preferred = [int(SDPA_BACKENDS[name]) for name in names]
+    rest = [b for b in torch._C._get_sdp_priority_order() if b not in preferred]
+    torch._C._set_sdp_priority_order(preferred + rest)
 
 
 def _flex(q_bhsd, k_bhsd, v_bhsd, block_mask, enable_gqa):

@@ -79,6 +79,19 @@ def convert_to_float8(model: nn.Module, config: Float8) -> list[str]:
     return converted
 
 
+def for_shard_degree(config: Float8, fsdp_shard_degree: int) -> Float8:
+    """The `[float8]` settings a run with this FSDP2 shard degree uses: with nothing to shard (one data-parallel
+    rank, e.g. a single GPU) the FSDP "all-gather" is a local copy, so casting weights to float8 before it saves
+    no bytes; it only moves the cast out of the compiled blocks (measured on an H100, Llama 3 8B widths x 8
+    layers: 29,316 tok/s with it, 30,603 without). The float8 all-gather and its precomputed scales are then off."""
+    if not uses_float8_all_gather(config) or fsdp_shard_degree > 1:
+        return config
+    logger.info("float8: one FSDP2 shard, so no float8 all-gather (float8.enable_fsdp_float8_all_gather and "
+                "precompute_float8_dynamic_scale_for_fsdp are ignored); weights are cast inside the compiled blocks")
+    return dataclasses.replace(config, enable_fsdp_float8_all_gather=False,
+                               precompute_float8_dynamic_scale_for_fsdp=False)
+
+
 def uses_float8_all_gather(config: Float8) -> bool:
     return config.enable and config.recipe == "tensorwise" and config.enable_fsdp_float8_all_gather
 

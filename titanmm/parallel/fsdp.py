@@ -9,13 +9,17 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def apply_fsdp(model: nn.Module, block_dicts: Sequence[nn.ModuleDict], dp_mesh: DeviceMesh, param_dtype: str,
                reduce_dtype: str, reshard_after_forward: str = "default") -> None:
-    """fully_shard every block of each ModuleDict (in forward order), then `model` as the root unit."""
-    mp = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
+    """fully_shard every block of each ModuleDict (in forward order), then `model` as the root unit.
+
+    Parameters are cast to `param_dtype` for compute. Frozen ones may be stored in another dtype than the
+    trainable ones of their unit (training.frozen_params_dtype): FSDP2 requires one dtype among trainable
+    parameters only, and all-gathers a unit's parameters in one dtype once cast."""
+    mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
     for blocks in block_dicts:
         items = list(blocks.values())
         for index, block in enumerate(items):

@@ -32,7 +32,10 @@ def block_containers(model: nn.Module) -> list[nn.ModuleDict]:
 def parallelize_vlm(model: nn.Module, dims: ParallelDims, config: JobConfig, device_type: str) -> None:
     """Apply TP, AC, compile and FSDP2 to a `VisionLanguageModel` (or a pipeline stage of one) as configured."""
     if dims.tp_enabled:
+        frozen = [name for name, p in model.named_parameters() if not p.requires_grad]  # model.freeze
         apply_tp_vlm(model, dims.mesh_for("tp"), loss_parallel=config.parallelism.enable_loss_parallel)
+        for name in frozen:  # SequenceParallel re-creates the norms' parameters, trainable
+            model.get_parameter(name).requires_grad_(False)
     if dims.cp > 1:  # ring attention in the language model only; the vision tower sees whole images
         apply_context_parallel(model.lm.layers, dims.mesh_for("cp"))
     # By default only the LM's last block stays gathered after forward (backward needs it first).

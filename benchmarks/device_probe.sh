@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One device call of experiments behind the issue-7 optimisation work (one H100): the attention backends at
+# Llama 3 8B's shape, and variants of the compare.py workloads (titanmm and/or the peer with one setting
+# changed). Results JSONs (tagged by variant) and the full log go to $OUT.
+#   bash benchmarks/device_probe.sh            (needs .peers and .device-wheels carried, as device_compare.sh)
+set -uo pipefail
+start=$SECONDS
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+log=$OUT/probe.log
+BUDGET=${BUDGET:-560}
+python3 -m pip install -q --no-index --no-deps --find-links .device-wheels torchao torchtitan torchdata datasets \
+    dill multiprocess tomli tyro typeguard docstring-parser 2>&1 | grep -v WARNING | tail -3
+left() { echo $((BUDGET - (SECONDS - start))); }
+compare() {  # compare.py with the remaining budget; prints the table
+  local l; l=$(left)
+  [ "$l" -gt 60 ] || { echo "=== skipped (budget): $*"; return; }
+  echo "=== $* (${l} s left)"
+  python3 benchmarks/compare.py --steps 12 --warmup 4 --results-dir "$OUT" --log "$log" --time-limit "$l" "$@" 2>&1 \
+      | tail -n 8
+}
+profile() {  # titanmm's 8B proxy (bf16 unless told) with the profiler and memory snapshots at step 10
+  local dump=/tmp/probe_profile_$1; shift
+  python3 -m torch.distributed.run --standalone --nproc_per_node=1 -m titanmm.train \
+      --config train_configs/llama3_8b.toml --model.n_layers=8 --training.seq_len=8192 --training.local_batch_size=1 \
+      --training.dataset=mock --compile.enable=true \
+      --activation_checkpoint.mode=selective --activation_checkpoint.selective_ac_option=op --training.steps=10 \
+      --checkpoint.enable=false --metrics.log_freq=1 --profiling.enable_profiling=true --profiling.profile_freq=10 \
+      --profiling.enable_memory_snapshot=true "--job.dump_folder=$dump" "$@" 2>&1 | grep -E "step (9|10) |Error" | tail -3
+  mkdir -p "$OUT/profile"
+  for f in "$dump"/profile_traces/iteration_10/rank0_kernels.txt "$dump"/memory_snapshot/iteration_10/rank0_memory_peak.txt; do
+    [ -f "$f" ] && cp "$f" "$OUT/profile/$(basename "$dump")_$(basename "$f")"
+  done
+}
+gpu_tests() {
+  python3 -m pytest -m gpu "$@" -q -rA -s -p no:cacheprovider 2>&1 | tee -a "$OUT/gpu_tests.log" \
+      | grep -E "passed|failed|PASSED|FAILED|Error|assert|losses" | tail -20
+}
+for probe in ${PROBES:-attention cudnn acnone fp8plain decode}; do
+  case $probe in
+    attention) echo "=== attention backends"
+            python3 benchmarks/attention_backends.py --json "$OUT/attention_backends.json" 2>&1 | grep -v Warn | tail -14 ;;
+    attention_test) gpu_tests tests/gpu/test_gpu_attention.py ;;
+    generate_test) gpu_tests tests/gpu/test_gpu_generate.py ;;
+    autocast_test) gpu_tests tests/gpu/test_gpu_training.py -k autocast ;;
+    profile_bf16) profile bf16 ;;
+    profile_fp8) profile fp8 --float8.enable=true ;;
+    bf16) compare --workload llama3_8b_proxy_bf16 ;;
+    fp8) compare --workload llama3_8b_proxy_fp8 ;;
+    llava) compare --workload llava_mistral_clip336_pretrain ;;
+    decode_all) compare --workload decode_llama3_8b ;;
+    cudnn) compare --workload llama3_8b_proxy_bf16 --only titanmm --tag cudnn \
+               --titanmm-arg=--model.sdpa_backends=cudnn,flash ;;
+    acnone) compare --workload llama3_8b_proxy_bf16 --tag acnone --titanmm-arg=--activation_checkpoint.mode=none \
+               --peer-arg=--activation_checkpoint.mode --peer-arg=none ;;
+    fp8plain) compare --workload llama3_8b_proxy_fp8 --only titanmm --tag no_fp8_allgather \
+               --titanmm-arg=--float8.enable_fsdp_float8_all_gather=false \
+               --titanmm-arg=--float8.precompute_float8_dynamic_scale_for_fsdp=false ;;
+    decode) TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 compare --workload decode_llama3_8b --only titanmm \
+               --tag coordinate_descent
+            compare --workload decode_llama3_8b --only peer ;;
+  esac
+done
+echo "=== done in $((SECONDS - start)) s"
