@@ -10,6 +10,8 @@
 set -uo pipefail
 start=$SECONDS
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# The commit measured: what setup_peers.sh recorded (a copy of the tree on the GPU machine may carry a stale .git).
+[ -f .peers/COMMIT ] && export TITANMM_COMMIT=${TITANMM_COMMIT:-$(cat .peers/COMMIT)}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 log=$OUT/compare.log
 BUDGET=${BUDGET:-530}; MIN_LEFT=${MIN_LEFT:-90}

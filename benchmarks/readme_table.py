@@ -4,7 +4,8 @@
 
 Every `*.json` under --results that has a `peer` object becomes a row (files without one, such as
 benchmarks/train_throughput.py's, are left to the hand-written tables). A workload measured more than once on the
-same device and GPU count keeps its newest file (by date, then file name). A row whose titanmm or peer side has
+same device and GPU count keeps its newest file (by date, then file name); a variant (compare.py --tag, e.g.
+both sides without activation checkpointing) is a row of its own after the workload's. A row whose titanmm or peer side has
 no tokens/s (a failed or one-sided run) is left out. The table replaces everything between the lines
 `<!-- perf-table:start -->` and `<!-- perf-table:end -->` of the README; --check writes nothing and exits 1 when
 the README is not up to date.
@@ -37,7 +38,7 @@ def load_results(directory: Path) -> list[dict]:
             continue
         if not (result.get("titanmm") or {}).get("tps_per_gpu") or not result["peer"].get("tps_per_gpu"):
             continue
-        key = (result.get("workload"), result.get("device"), result.get("gpus"))
+        key = (result.get("workload"), result.get("variant") or "", result.get("device"), result.get("gpus"))
         rank = (result.get("date", ""), path.name)
         if key not in newest or rank > newest[key][0]:
             newest[key] = (rank, result)
@@ -45,7 +46,8 @@ def load_results(directory: Path) -> list[dict]:
 
     def order(r):
         name = r.get("workload", "")
-        return (ORDER.index(name) if name in ORDER else len(ORDER), name, r.get("gpus") or 0, r.get("device", ""))
+        return (ORDER.index(name) if name in ORDER else len(ORDER), name, r.get("variant") or "", r.get("gpus") or 0,
+                r.get("device", ""))
 
     return sorted(results, key=order)
 
@@ -92,7 +94,8 @@ def row(result: dict) -> list[str]:
     device = result.get("device", "?").replace("NVIDIA ", "")
     commit = str(result.get("commit", ""))[:7]
     return [
-        f"`{result.get('workload', '?')}`", f"{result.get('gpus', '?')} x {device}", _num(t.get("tps_per_gpu")),
+        f"`{result.get('workload', '?')}`" + (f" ({result['variant']})" if result.get("variant") else ""),
+        f"{result.get('gpus', '?')} x {device}", _num(t.get("tps_per_gpu")),
         result.get("peer_name", "peer"), _num(p.get("tps_per_gpu")), _num(result.get("ratio"), ".2f", "x"),
         _pair(_pct(t.get("mfu")), _pct(p.get("mfu"))),
         _pair(_num(t.get("peak_mem_gib"), ".1f"), _num(p.get("peak_mem_gib"), ".1f", " GiB")),

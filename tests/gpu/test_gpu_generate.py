@@ -1,4 +1,4 @@
-"""Compiled decoding on GPU (`GenerationConfig.compile`: torch.compile mode "reduce-overhead" = CUDA graphs):
+"""Compiled decoding on GPU (`GenerationConfig.compile`: CUDA graphs and coordinate-descent kernel tuning):
 the same greedy tokens as the eager loop in bf16, CUDA graphs not skipped, and new tokens/s eager vs compiled
 at batch 1 and 32 (printed; run with -s to see it, no assertion on speed)."""
 
