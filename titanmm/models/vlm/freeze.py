@@ -20,7 +20,8 @@ weights materialise in it:
   (the root: frozen embeddings and output layer, trainable projector). Frozen weights already in the compute
   dtype are all-gathered as they are: on GPU the loss and gradients are bitwise those of float32 frozen
   weights. Where some parameters are stored in another dtype than the compute dtype, FSDP2 is applied even
-  to a single CPU rank, for that cast (`titanmm.parallel.parallelize.apply_ac_compile_fsdp`).
+  to a single CPU rank, for that cast (`titanmm.parallel.parallelize.apply_ac_compile_fsdp`). On one GPU
+  without parallelism torch.autocast replaces FSDP2 and reads the bfloat16 frozen weights as they are.
 - `init_weights` draws every parameter in float32 and casts it (`titanmm.models.init.fill_`): a bfloat16
   weight is exactly the float32 initialisation rounded. HF loading (`load_hf_into_model`) casts alike.
 - Checkpoints hold each parameter in its own dtype and DCP casts on load: a float32 checkpoint loads into
