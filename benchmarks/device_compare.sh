@@ -9,16 +9,10 @@
 # MIN_LEFT=90 seconds left is skipped, and a run still going at the end is stopped), STEPS (15), WARMUP (5).
 set -uo pipefail
 start=$SECONDS
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-# The commit measured: what setup_peers.sh recorded (a copy of the tree on the GPU machine may carry a stale .git).
-[ -f .peers/COMMIT ] && export TITANMM_COMMIT=${TITANMM_COMMIT:-$(cat .peers/COMMIT)}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source benchmarks/device_peer_env.sh
 log=$OUT/compare.log
 BUDGET=${BUDGET:-530}; MIN_LEFT=${MIN_LEFT:-90}
 [ -f .peers/torchtitan/launch.py ] || { echo "no .peers/: run benchmarks/setup_peers.sh and carry .peers" | tee -a "$log"; exit 2; }
-# torchtitan and what it needs beyond the GPU image (all pure-Python wheels; --no-deps: the image has the rest).
-python3 -m pip install -q --no-index --no-deps --find-links .device-wheels torchao torchtitan torchdata datasets \
-    dill multiprocess tomli tyro typeguard docstring-parser 2>&1 | grep -v WARNING | tail -3
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, torchao, torchtitan, transformers; print('torch', torch.__version__, '| torchao', torchao.__version__, '| torchtitan', torchtitan.__version__, '| transformers', transformers.__version__)" 2>&1 | tail -1

@@ -5,14 +5,9 @@
 #   bash benchmarks/device_probe.sh            (needs .peers and .device-wheels carried, as device_compare.sh)
 set -uo pipefail
 start=$SECONDS
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-# The commit measured: what setup_peers.sh recorded (a copy of the tree on the GPU machine may carry a stale .git).
-[ -f .peers/COMMIT ] && export TITANMM_COMMIT=${TITANMM_COMMIT:-$(cat .peers/COMMIT)}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source benchmarks/device_peer_env.sh
 log=$OUT/probe.log
 BUDGET=${BUDGET:-560}
-python3 -m pip install -q --no-index --no-deps --find-links .device-wheels torchao torchtitan torchdata datasets \
-    dill multiprocess tomli tyro typeguard docstring-parser 2>&1 | grep -v WARNING | tail -3
 left() { echo $((BUDGET - (SECONDS - start))); }
 compare() {  # compare.py with the remaining budget; prints the table
   local l; l=$(left)

@@ -1,7 +1,6 @@
 """End-to-end training runs: resume, layout changes, config errors, NaN handling, preemption, launch."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -10,7 +9,6 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from tests.utils import REPO, logged, run_env, run_training, train_command
 from titanmm.config import load_config
@@ -140,18 +138,6 @@ def test_print_config(capsys):
     assert main(["--config", str(REPO / "train_configs" / "debug_llama.toml"), "--print-config",
                  "--training.steps=7"]) == 0
     assert json.loads(capsys.readouterr().out)["training"]["steps"] == 7
-
-
-@pytest.fixture
-def in_process(monkeypatch):
-    """Run a Trainer inside the test process (a one-rank gloo group)."""
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(key, None)
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, in_process, monkeypatch):

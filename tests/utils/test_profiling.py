@@ -6,11 +6,9 @@ run, and the config checks.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
 
 from titanmm.config import load_config
 from titanmm.config.loader import ConfigError
@@ -159,18 +157,6 @@ def test_resumed_session_windows_end_at_multiples_of_profile_freq(tmp_path):
     assert (folders[0] / "rank0_kernels.txt").read_text().startswith("rank 0, step 4 (1 profiled step)")
     assert (folders[1] / "rank0_kernels.txt").read_text().startswith("rank 0, steps 5-6 (2 profiled steps)")
     assert float(_table_row((folders[1] / "rank0_kernels.txt").read_text(), "matmul")[1]) > 0
-
-
-@pytest.fixture
-def in_process(monkeypatch):
-    """Run a Trainer inside the test process (a one-rank gloo group)."""
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(key, None)
 
 
 def test_training_writes_traces_at_every_profile_freq(tmp_path, in_process, caplog):

@@ -75,10 +75,10 @@ def apply_ac_compile_fsdp(model: nn.Module, block_dicts: Sequence[nn.ModuleDict]
     # FSDP2 also provides mixed precision, so it is applied even to a single data-parallel rank on GPU (unless
     # autocast does that there), and wherever parameters are stored in another dtype than the compute dtype
     # (training.frozen_params_dtype).
-    param_dtype = compute_dtype(config, device_type)
-    stored_apart = any(p.dtype != DTYPES[param_dtype] for p in model.parameters())
     if uses_autocast(dims, config, device_type):
         return
+    param_dtype = compute_dtype(config, device_type)
+    stored_apart = any(p.dtype != DTYPES[param_dtype] for p in model.parameters())
     if dims.dp > 1 or dims.cp > 1 or device_type == "cuda" or stored_apart:
         reduce_dtype = config.training.mixed_precision_reduce if device_type == "cuda" else "float32"
         reshard = config.parallelism.fsdp_reshard_after_forward
