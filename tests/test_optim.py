@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import faulthandler
 import io
 import math
-import os
-import socket
 
 import pytest
 import torch
 from torch import nn
 
+from tests.utils import free_port, gloo_process_group
 from titanmm.config.job_config import LRScheduler, Optimizer
 from titanmm.optim import build_lr_scheduler, build_optimizer, clip_grad_norm_, lr_at
 
@@ -216,21 +214,12 @@ def test_clip_no_grads():
 # ------------------------------------------------------------------ FSDP2 on gloo (2 processes)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _fsdp_worker(rank: int, world_size: int, port: int) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    faulthandler.enable()  # a native abort in a child then shows its Python stack
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with gloo_process_group(rank, world_size, port):
         tokens = torch.tensor([[1, 2, 3, 4, 5]])
         ref = _model_with_grads()  # same input on every rank: FSDP's averaged grads == these
         ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
@@ -261,15 +250,12 @@ def _fsdp_worker(rank: int, world_size: int, port: int) -> None:
         expected = torch.linalg.vector_norm(torch.cat(gathered))
         got = clip_grad_norm_([w], 0.0, pp_group=dist.group.WORLD)
         torch.testing.assert_close(got, expected)
-        dist.barrier()  # no rank tears gloo down while another is still talking to it
-    finally:
-        dist.destroy_process_group()
 
 
 def test_clip_fsdp2_gloo_matches_single_process():
     import torch.multiprocessing as mp
 
-    mp.spawn(_fsdp_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_fsdp_worker, args=(2, free_port()), nprocs=2, join=True)
 
 
 def test_lr_at_docstring_formula_cosine_midpoint():

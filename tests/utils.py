@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import json
 import os
 import socket
@@ -17,6 +19,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_process_group(rank: int, world_size: int, port: int):
+    """A gloo process group for one worker of `torch.multiprocessing.spawn`, torn down in step with the others.
+
+    A rank that destroys its group and exits while another is still inside a gloo call can abort that rank
+    natively ("terminate called without an active exception"), so ranks meet at a barrier first; faulthandler
+    makes any native abort print the worker's Python stack.
+    """
+    import torch.distributed as dist
+
+    faulthandler.enable()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def train_command(nproc: int, dump_folder: Path, overrides: list[str], config: Path = DEBUG_CONFIG) -> list[str]:

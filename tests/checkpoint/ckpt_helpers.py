@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from tests.utils import free_port  # noqa: F401  (the checkpoint tests take it from here)
 from titanmm.checkpoint.manager import CheckpointManager
 from titanmm.checkpoint.states import ModelState, OptimizerState, SchedulerState, TrainState
 from titanmm.config.job_config import Checkpoint
@@ -97,18 +97,6 @@ def scramble_rng() -> None:
     torch.rand(7)
     random.random()
     np.random.rand(3)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_dist(rank: int, world_size: int, port: int) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
 
 
 def fsdp_build(flavor: str = FLAVOR, seed: int = 0):

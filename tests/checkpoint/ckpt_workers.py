@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 import ckpt_helpers as h
+from tests.utils import gloo_process_group
 from titanmm.checkpoint.states import TrainState
 
 
 def fsdp_train_and_save(rank: int, world_size: int, port: int, folder: str, ref_path: str, async_mode: str) -> None:
     """Train the FSDP2 model 3 steps, save at step 3, and have rank 0 write the full reference state."""
-    h.init_dist(rank, world_size, port)
-    try:
+    with gloo_process_group(rank, world_size, port):
         torch.manual_seed(42)
         model, optim, sched = h.fsdp_build()
         h.train_steps(model, optim, sched, 3)
@@ -23,14 +22,11 @@ def fsdp_train_and_save(rank: int, world_size: int, port: int, folder: str, ref_
         ckpt.close()
         if rank == 0:
             torch.save(snap, ref_path)
-    finally:
-        dist.destroy_process_group()
 
 
 def fsdp_load(rank: int, world_size: int, port: int, folder: str, out_path: str) -> None:
     """Build a fresh FSDP2 model (different init), resume from `folder` and have rank 0 write the full state."""
-    h.init_dist(rank, world_size, port)
-    try:
+    with gloo_process_group(rank, world_size, port):
         model, optim, sched = h.fsdp_build(seed=7)
         states = h.states_of(model, optim, sched)
         step = h.manager(folder, states).load()
@@ -38,8 +34,6 @@ def fsdp_load(rank: int, world_size: int, port: int, folder: str, out_path: str)
         if rank == 0:
             snap["loaded_step"] = step
             torch.save(snap, out_path)
-    finally:
-        dist.destroy_process_group()
 
 
 def preemption_agreement(rank: int, world_size: int, port: int, out_dir: str) -> None:
@@ -49,8 +43,7 @@ def preemption_agreement(rank: int, world_size: int, port: int, out_dir: str) ->
 
     from titanmm.utils.signals import PreemptionHandler
 
-    h.init_dist(rank, world_size, port)
-    try:
+    with gloo_process_group(rank, world_size, port):
         with PreemptionHandler() as preemption:
             stopped_at = None
             for step in range(1, 6):
@@ -61,5 +54,3 @@ def preemption_agreement(rank: int, world_size: int, port: int, out_dir: str) ->
                     break
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write(f"{stopped_at} {preemption.requested}")
-    finally:
-        dist.destroy_process_group()

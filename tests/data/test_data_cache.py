@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch.multiprocessing as mp
 
 from data_testing import CharTokenizer, write_jsonl
+from tests.utils import free_port, gloo_process_group
 from titanmm.data import indexed
 from titanmm.data.documents import resolve_source
 from titanmm.data.indexed import load_or_build_token_cache
@@ -61,30 +61,21 @@ def test_a_failed_build_leaves_nothing_behind(tmp_path, cache_dir):
     assert os.listdir(cache_dir / "tokens") == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _distributed_worker(rank: int, world_size: int, port: int, path: str, cache_dir: str, out: str) -> None:
-    import torch.distributed as dist
-
     from titanmm.data import indexed as worker_indexed
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    built = []
-    real_build = worker_indexed.build_token_cache
-    worker_indexed.build_token_cache = lambda *a: (built.append(rank), real_build(*a))
-    cache = worker_indexed.load_or_build_token_cache(resolve_source(path), CharTokenizer(), cache_dir)
-    with open(f"{out}/rank{rank}.json", "w") as f:
-        json.dump([len(built), cache.num_tokens], f)
-    dist.destroy_process_group()
+    with gloo_process_group(rank, world_size, port):
+        built = []
+        real_build = worker_indexed.build_token_cache
+        worker_indexed.build_token_cache = lambda *a: (built.append(rank), real_build(*a))
+        cache = worker_indexed.load_or_build_token_cache(resolve_source(path), CharTokenizer(), cache_dir)
+        with open(f"{out}/rank{rank}.json", "w") as f:
+            json.dump([len(built), cache.num_tokens], f)
 
 
 @pytest.mark.slow
 def test_only_rank_zero_builds_under_torch_distributed(tmp_path, cache_dir):
     path = write_jsonl(tmp_path / "a.jsonl", ["hello", "world"])
-    mp.spawn(_distributed_worker, args=(2, _free_port(), str(path), str(cache_dir), str(tmp_path)), nprocs=2)
+    mp.spawn(_distributed_worker, args=(2, free_port(), str(path), str(cache_dir), str(tmp_path)), nprocs=2)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert results == [[1, 14], [0, 14]]  # [builds, tokens]: rank 1 waited and reused rank 0's cache

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
 import types
 
 import pytest
@@ -14,6 +12,7 @@ import torch.multiprocessing as mp
 
 from titanmm.models import MODEL_SPECS
 from titanmm.models.llama.flavors import LLAMA_FLAVORS
+from tests.utils import free_port, gloo_process_group
 
 TOL = 1e-5
 STEPS = 3
@@ -80,9 +79,7 @@ def _config(ac_mode: str):
 
 
 def _worker(rank: int, world: int, port: int, layout: str, names: list[str]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_process_group(rank, world, port):
         from titanmm.parallel.parallel_dims import ParallelDims
         from titanmm.parallel.parallelize_vlm import parallelize_vlm
         from titanmm.models.vlm import VisionLanguageModel
@@ -128,17 +125,9 @@ def _worker(rank: int, world: int, port: int, layout: str, names: list[str]) -> 
                 assert abs(total.item() - ref_losses[step]) <= TOL * abs(ref_losses[step]), \
                     (layout, name, step, total.item(), ref_losses[step])
             assert ref_losses[-1] < ref_losses[0]
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("layout", ["tp2", "fsdp2", "hsdp2x1"])
 def test_vlm_layout_matches_single_process(layout):
     names = ["clip"] + (["internvit_qwen2"] if "internvit" in MODEL_SPECS else [])
-    mp.spawn(_worker, args=(2, _free_port(), layout, names), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), layout, names), nprocs=2, join=True)
