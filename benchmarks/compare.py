@@ -22,8 +22,10 @@ The peers run from `.peers/` (a git-ignored copy of ../shared/peers that `benchm
 torchtitan wheels in `.device-wheels/`); titanmm runs from this checkout. Each side is its own process, one after
 the other, on the same GPUs.
 
-Measurement. Training: every step is logged (titanmm's metrics.jsonl, torchtitan's "step: ... tps ... tflops ... mfu"
-lines), the first `--warmup` steps are dropped and the median of the rest is reported: tokens/s/GPU, TFLOP/s/GPU and
+Measurement. Training: every `--log-freq` steps (default every step) both sides log the window since their last log
+(titanmm's metrics.jsonl, torchtitan's "step: ... tps ... tflops ... mfu" lines); a log reads the loss from the GPU,
+so with 1 each step waits for the GPU once. Windows that start within the first `--warmup` steps are dropped and the
+median of the rest is reported: tokens/s/GPU, TFLOP/s/GPU and
 MFU (both count 6 x non-embedding parameters + 12 x layers x heads x head_dim x seq FLOPs per token, against the bf16
 dense peak, also for FP8), and the largest peak reserved memory of the measured steps. transformers' LLaVA step is
 timed by its script (mean of 10 steps after 3); its TFLOP/s use titanmm's FLOPs per token of the same model, and
@@ -120,8 +122,8 @@ def _torchrun(gpus: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", *extra]
 
 
-def titanmm_train_argv(w: Workload, gpus: int, steps: int, dump: Path) -> list[str]:
-    logging = [f"--job.dump_folder={dump}", "--metrics.log_freq=1", "--checkpoint.enable=false",
+def titanmm_train_argv(w: Workload, gpus: int, steps: int, dump: Path, log_freq: int = 1) -> list[str]:
+    logging = [f"--job.dump_folder={dump}", f"--metrics.log_freq={log_freq}", "--checkpoint.enable=false",
                "--metrics.plot_loss=false", "--metrics.enable_tensorboard=false", f"--training.steps={steps}"]
     if w.kind == "lm":
         args = ["--config", "train_configs/llama3_8b.toml", "--training.dataset=mock",
@@ -143,12 +145,12 @@ def titanmm_train_argv(w: Workload, gpus: int, steps: int, dump: Path) -> list[s
     return _torchrun(gpus) + ["-m", "titanmm.train", *args, *logging]
 
 
-def torchtitan_argv(w: Workload, gpus: int, steps: int, dump: Path, assets: Path) -> list[str]:
+def torchtitan_argv(w: Workload, gpus: int, steps: int, dump: Path, assets: Path, log_freq: int = 1) -> list[str]:
     args = [str(PEERS / "torchtitan" / "launch.py"), "--job.config_file", str(PEERS / "torchtitan" / "bench.toml"),
             "--job.dump_folder", str(dump), "--model.hf_assets_path", str(assets / "assets"),
             "--training.dataset_path", str(assets / "data"), "--training.steps", str(steps),
             "--training.seq_len", str(w.seq_len), "--training.local_batch_size", str(w.batch),
-            "--metrics.log_freq", "1", "--metrics.disable_color_printing"]
+            "--metrics.log_freq", str(log_freq), "--metrics.disable_color_printing"]
     if w.fp8:  # torchtitan's recommended tensorwise setup (no recipe_name: that form refuses the FP8 all-gather)
         args += ["--model.converters", "quantize.linear.float8", "--quantize.linear.float8.filter_fqns", "output",
                  "--quantize.linear.float8.enable_fsdp_float8_all_gather",
@@ -158,10 +160,10 @@ def torchtitan_argv(w: Workload, gpus: int, steps: int, dump: Path, assets: Path
 
 
 def plan(w: Workload, gpus: int, steps: int, work: Path, titanmm_args: list[str] = (),
-         peer_args: list[str] = ()) -> list[Run]:
+         peer_args: list[str] = (), log_freq: int = 1) -> list[Run]:
     """The processes of one comparison, in order. `titanmm_args` / `peer_args` are appended to the commands of
-    titanmm / the peer (training peers only)."""
-    runs = _plan(w, gpus, steps, work)
+    titanmm / the peer (training peers only); both training sides log every `log_freq` steps."""
+    runs = _plan(w, gpus, steps, work, log_freq)
     for run in runs:
         if run.side == "titanmm":
             run.argv += list(titanmm_args)
@@ -170,20 +172,20 @@ def plan(w: Workload, gpus: int, steps: int, work: Path, titanmm_args: list[str]
     return runs
 
 
-def _plan(w: Workload, gpus: int, steps: int, work: Path) -> list[Run]:
+def _plan(w: Workload, gpus: int, steps: int, work: Path, log_freq: int = 1) -> list[Run]:
     if w.kind == "lm":
         assets = work / "torchtitan_assets"
         return [
             Run("setup", "torchtitan assets", [sys.executable, "benchmarks/torchtitan_assets.py", str(assets),
                                                f"--vocab-size={LLAMA3_VOCAB}"]),
-            Run("titanmm", "titanmm", titanmm_train_argv(w, gpus, steps, work / "titanmm"), dict(ALLOC_CONF),
+            Run("titanmm", "titanmm", titanmm_train_argv(w, gpus, steps, work / "titanmm", log_freq), dict(ALLOC_CONF),
                 output=work / "titanmm" / "metrics.jsonl"),
-            Run("peer", TORCHTITAN, torchtitan_argv(w, gpus, steps, work / "torchtitan", assets),
+            Run("peer", TORCHTITAN, torchtitan_argv(w, gpus, steps, work / "torchtitan", assets, log_freq),
                 {"TT_LAYERS": str(w.layers), **ALLOC_CONF}),
         ]
     if w.kind == "vlm":
         return [
-            Run("titanmm", "titanmm", titanmm_train_argv(w, gpus, steps, work / "titanmm"), dict(ALLOC_CONF),
+            Run("titanmm", "titanmm", titanmm_train_argv(w, gpus, steps, work / "titanmm", log_freq), dict(ALLOC_CONF),
                 output=work / "titanmm" / "metrics.jsonl"),
             Run("peer", TRANSFORMERS, [sys.executable, str(PEERS / "transformers" / "bench_hf.py"), "llava",
                                        str(w.batch)], dict(ALLOC_CONF)),
@@ -288,10 +290,10 @@ def parse_hf_decode(text: str) -> dict | None:
             "seconds_per_call": _number(seconds), "new_tokens": int(new) if new else None}
 
 
-def summarize_steps(records: list[dict], warmup: int, memory_key: str = "peak_mem_gib") -> dict:
-    """Median tokens/s/GPU, TFLOP/s/GPU and MFU of the steps after `warmup`, and the largest `memory_key`
-    (reported as peak_mem_gib) of those steps."""
-    measured = [r for r in records if r["step"] > warmup]
+def summarize_steps(records: list[dict], warmup: int, memory_key: str = "peak_mem_gib", log_freq: int = 1) -> dict:
+    """Median tokens/s/GPU, TFLOP/s/GPU and MFU of the logged windows of `log_freq` steps that all come after
+    `warmup`, and the largest `memory_key` (reported as peak_mem_gib) of those."""
+    measured = [r for r in records if r["step"] - log_freq >= warmup]
     if not measured:
         raise ValueError(f"{len(records)} logged steps, none after the {warmup} warm-up steps")
 
@@ -399,7 +401,7 @@ def summarize_decode(w: Workload, outputs: dict[str, str], device: str) -> tuple
 
 
 def summarize(w: Workload, outputs: dict[str, str], warmup: int, device: str,
-              errors: dict[str, str]) -> tuple[dict[str, dict | None], dict]:
+              errors: dict[str, str], log_freq: int = 1) -> tuple[dict[str, dict | None], dict]:
     """Both sides' results from their outputs ({"titanmm": ..., "peer": ...}; decode: "peer:<batch>"), and extra
     top-level fields. A side whose output cannot be read gets None and an entry in `errors`."""
     sides: dict[str, dict | None] = {"titanmm": None, "peer": None}
@@ -414,8 +416,9 @@ def summarize(w: Workload, outputs: dict[str, str], warmup: int, device: str,
         return sides, extra
     readers = {
         "titanmm": lambda text: summarize_steps(parse_titanmm_jsonl(text), warmup,
-                                                "peak_mem_gib" if w.kind == "lm" else "peak_allocated_gib"),
-        "peer": (lambda text: summarize_steps(parse_torchtitan_log(text), warmup)) if w.kind == "lm"
+                                                "peak_mem_gib" if w.kind == "lm" else "peak_allocated_gib", log_freq),
+        "peer": (lambda text: summarize_steps(parse_torchtitan_log(text), warmup, log_freq=log_freq))
+        if w.kind == "lm"
         else (lambda text: summarize_hf_llava(w, text, device)),
     }
     for side, read in readers.items():
@@ -434,7 +437,7 @@ def summarize(w: Workload, outputs: dict[str, str], warmup: int, device: str,
 # Running
 # ---------------------------------------------------------------------------------------------------------------
 
-def settings(w: Workload, steps: int, warmup: int) -> dict:
+def settings(w: Workload, steps: int, warmup: int, log_freq: int = 1) -> dict:
     """What both sides ran, for the results file."""
     if w.kind == "decode":
         return {"model": DECODE_FLAVOR, "precision": "bf16", "greedy": True, "prompt_len": w.seq_len,
@@ -442,7 +445,8 @@ def settings(w: Workload, steps: int, warmup: int) -> dict:
                 "timed_calls": DECODE_ITERS}
     model = {"lm": f"llama3_8b ({w.layers} layers)", "vlm": VLM_FLAVOR}[w.kind]
     return {"model": model, "seq_len": w.seq_len, "batch_per_gpu": w.batch,
-            "precision": "fp8 tensorwise" if w.fp8 else "bf16", "steps": steps, "warmup_steps": warmup}
+            "precision": "fp8 tensorwise" if w.fp8 else "bf16", "steps": steps, "warmup_steps": warmup,
+            "log_freq": log_freq}
 
 
 def device_name() -> str:
@@ -547,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=None, help="GPUs for both sides (default: the workload's)")
     parser.add_argument("--steps", type=int, default=15, help="training steps per side (training workloads)")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the median")
+    parser.add_argument("--log-freq", type=int, default=1,
+                        help="both training sides log (and read their losses from the GPU) every this many steps; "
+                             "the median is then over windows of this many steps (each after --warmup)")
     parser.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--log", default=None, help="file to append both sides' full output to "
                                                     "(default: the results file's name with .log)")
@@ -571,14 +578,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--peer-arg applies to the training workloads")
     if args.tag and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.tag):
         parser.error(f"--tag {args.tag!r}: letters, digits, '_', '.', '-' only")
-    if w.kind != "decode" and args.steps <= args.warmup:
-        parser.error(f"--steps {args.steps} leaves no step after --warmup {args.warmup}")
+    if w.kind != "decode" and args.steps < args.warmup + args.log_freq:
+        parser.error(f"--steps {args.steps} leaves no logged window of --log-freq {args.log_freq} steps after "
+                     f"--warmup {args.warmup}")
     command = shlex.join(["python", "benchmarks/compare.py", *(sys.argv[1:] if argv is None else argv)])
 
     if args.dry_run:
         work = Path(tempfile.gettempdir()) / f"titanmm_compare_{w.name}"
         print(f"# {w.name}: {gpus} GPU(s); peer {w.peer}")
-        for run in plan(w, gpus, args.steps, work, args.titanmm_arg, args.peer_arg):
+        for run in plan(w, gpus, args.steps, work, args.titanmm_arg, args.peer_arg, args.log_freq):
             print(f"# {run.side}: {run.label}\n{run.shell()}")
         return 0
 
@@ -602,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix=f"titanmm_compare_{w.name}_"))
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n##### {command}  ({device}, {date})\n")
-        for run in plan(w, gpus, args.steps, work, args.titanmm_arg, args.peer_arg):
+        for run in plan(w, gpus, args.steps, work, args.titanmm_arg, args.peer_arg, args.log_freq):
             side = "peer" if run.side == "setup" else run.side
             if args.only and side != args.only:
                 continue
@@ -623,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
             outputs[key] = run.output.read_text() if run.output is not None and run.output.exists() else text
     shutil.rmtree(work, ignore_errors=True)
 
-    sides, extra = summarize(w, outputs, args.warmup, device, errors)
+    sides, extra = summarize(w, outputs, args.warmup, device, errors, args.log_freq)
     for side in ("titanmm", "peer"):
         if sides[side] is None:
             sides[side] = {"tps_per_gpu": None, "tflops_per_gpu": None, "mfu": None, "peak_mem_gib": None}
@@ -636,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "workload": w.name, "device": device, "gpus": gpus, "date": date, "commit": commit(), "command": command,
         "peer_name": w.peer, "variant": args.tag or None,
-        "settings": settings(w, args.steps, args.warmup),
+        "settings": settings(w, args.steps, args.warmup, args.log_freq),
         "memory": memory,
         "titanmm": sides["titanmm"], "peer": sides["peer"],
         "ratio": ratio(sides["titanmm"]["tps_per_gpu"], sides["peer"]["tps_per_gpu"]),

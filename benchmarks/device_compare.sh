@@ -6,7 +6,8 @@
 # decode_llama3_8b), about 8 minutes on one H100. On 4 GPUs: bash benchmarks/device_compare.sh llama3_8b_bf16 llama3_8b_fp8
 # Before the call, on the development machine: bash benchmarks/setup_peers.sh, and carry .peers and .device-wheels.
 # Environment: BUDGET (seconds for the whole call, default 530: a workload that would start with less than
-# MIN_LEFT=90 seconds left is skipped, and a run still going at the end is stopped), STEPS (15), WARMUP (5).
+# MIN_LEFT=90 seconds left is skipped, and a run still going at the end is stopped), STEPS (15), WARMUP (5),
+# LOG_FREQ (1: both sides log, and so wait for the GPU, at every step).
 set -uo pipefail
 start=$SECONDS
 source benchmarks/device_peer_env.sh
@@ -26,6 +27,7 @@ for workload in "${workloads[@]}"; do
   fi
   echo "=== $workload (${left} s left)"
   python3 benchmarks/compare.py --workload "$workload" --steps "${STEPS:-15}" --warmup "${WARMUP:-5}" \
+      --log-freq "${LOG_FREQ:-1}" \
       --results-dir "$OUT" --log "$log" --time-limit "$left" 2>&1 | tail -n 14
 done
 echo "=== done in $((SECONDS - start)) s; results in $OUT"

@@ -40,11 +40,15 @@ for probe in ${PROBES:-attention cudnn acnone fp8plain decode}; do
     attention_test) gpu_tests tests/gpu/test_gpu_attention.py ;;
     generate_test) gpu_tests tests/gpu/test_gpu_generate.py ;;
     autocast_test) gpu_tests tests/gpu/test_gpu_training.py -k autocast ;;
+    nosync_test) gpu_tests tests/gpu/test_gpu_training.py -k never_wait ;;
     profile_bf16) profile bf16 ;;
     profile_fp8) profile fp8 --float8.enable=true ;;
     bf16) compare --workload llama3_8b_proxy_bf16 ;;
     fp8) compare --workload llama3_8b_proxy_fp8 ;;
     llava) compare --workload llava_mistral_clip336_pretrain ;;
+    bf16_log10) compare --workload llama3_8b_proxy_bf16 --tag log10 --log-freq 10 --steps 44 ;;
+    fp8_log10) compare --workload llama3_8b_proxy_fp8 --tag log10 --log-freq 10 --steps 44 ;;
+    llava_log10) compare --workload llava_mistral_clip336_pretrain --tag log10 --log-freq 10 --steps 44 ;;
     decode_all) compare --workload decode_llama3_8b ;;
     cudnn) compare --workload llama3_8b_proxy_bf16 --only titanmm --tag cudnn \
                --titanmm-arg=--model.sdpa_backends=cudnn,flash ;;

@@ -11,7 +11,8 @@ from torch import nn
 
 from tests.utils import free_port, gloo_process_group
 from titanmm.config.job_config import LRScheduler, Optimizer
-from titanmm.optim import build_lr_scheduler, build_optimizer, clip_grad_norm_, lr_at
+from titanmm.optim import (build_lr_scheduler, build_optimizer, clip_grad_norm_, clipped_step, lr_at,
+                           steps_on_device)
 
 PEAK = 1e-3
 
@@ -211,6 +212,77 @@ def test_clip_no_grads():
     assert clip_grad_norm_(Tiny().parameters(), 1.0).item() == 0.0
 
 
+# ------------------------------------------------------------------ the clipped optimizer step
+
+
+def _clipped_run(impl: str, max_norm: float, bad_steps=(), model: nn.Module | None = None):
+    """Four steps of `clipped_step`; the loss of the steps in `bad_steps` (0-based) is NaN. Returns the
+    model, the optimizer, the skip flags and the parameters after each step."""
+    if model is None:
+        torch.manual_seed(0)
+        model = Tiny()
+    opt = build_optimizer([model], Optimizer(implementation=impl))
+    flags, snapshots = [], []
+    for step in range(4):
+        loss = model(torch.tensor([[1, 2, 3, step]])).square().mean()
+        loss.backward()
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = clip_grad_norm_(params, 0.0)
+        reported = loss.detach() * float("nan") if step in bad_steps else loss.detach()
+        flags.append(clipped_step([opt], params, reported, norm, max_norm).item())
+        opt.zero_grad()
+        snapshots.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    return model, opt, flags, snapshots
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6, 0.0])
+def test_clipped_step_fused_on_device_equals_clip_then_step(max_norm):
+    """The fused kernel's grad_scale (1 / clip coefficient) gives what clipping the gradients and then stepping
+    gives, to float32 rounding; the reference is the plain sequence with torch's own clip."""
+    _, opt, flags, fused = _clipped_run("fused", max_norm)
+    assert steps_on_device([opt]) and flags == [0.0] * 4
+    torch.manual_seed(0)
+    model = Tiny()
+    ref_opt = build_optimizer([model], Optimizer(implementation="foreach"))
+    assert not steps_on_device([ref_opt])
+    for step in range(4):
+        model(torch.tensor([[1, 2, 3, step]])).square().mean().backward()
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        ref_opt.step()
+        ref_opt.zero_grad()
+        expected = torch.cat([p.detach().flatten() for p in model.parameters()])
+        torch.testing.assert_close(fused[step], expected, rtol=1e-5, atol=1e-7)
+    _, _, _, separate = _clipped_run("foreach", max_norm)  # the host-synchronising path
+    torch.testing.assert_close(separate[-1], fused[-1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_clipped_step_skips_nonfinite_steps(impl):
+    model, opt, flags, snapshots = _clipped_run(impl, 1.0, bad_steps={1, 2})
+    assert flags == [0.0, 1.0, 1.0, 0.0]
+    assert torch.equal(snapshots[0], snapshots[1]) and torch.equal(snapshots[1], snapshots[2])
+    assert not torch.equal(snapshots[2], snapshots[3])
+    steps = {float(state["step"]) for state in opt.state.values()}
+    assert steps == {2.0}  # the skipped steps do not count for Adam's bias correction
+    # Same as two good steps on the same data as steps 0 and 3.
+    torch.manual_seed(0)
+    ref = Tiny()
+    ref_opt = build_optimizer([ref], Optimizer(implementation=impl))
+    for step in (0, 3):
+        ref(torch.tensor([[1, 2, 3, step]])).square().mean().backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        ref_opt.step()
+        ref_opt.zero_grad()
+    torch.testing.assert_close(snapshots[3], torch.cat([p.detach().flatten() for p in ref.parameters()]),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_clipped_step_leaves_no_scaler_attributes():
+    _, opt, _, _ = _clipped_run("fused", 0.5, bad_steps={1})
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+
+
 # ------------------------------------------------------------------ FSDP2 on gloo (2 processes)
 
 
@@ -240,6 +312,23 @@ def _fsdp_worker(rank: int, world_size: int, port: int) -> None:
         opt.step()
         model(tokens).sum().backward()
         opt.step()
+        opt.zero_grad()
+
+        # the clipped step on the device (grad_scale / found_inf next to DTensor parameters) equals the
+        # single-process one
+        opt, ref_opt = (build_optimizer([m], Optimizer(implementation="fused")) for m in (model, ref))
+        ref.load_state_dict({k: v.full_tensor() for k, v in model.state_dict().items()})
+        ref_opt.zero_grad()
+        for bad in (False, True, False):
+            for m, o in ((model, opt), (ref, ref_opt)):
+                loss = m(tokens).square().mean()
+                loss.backward()
+                params = [p for p in m.parameters() if p.grad is not None]
+                clipped_step([o], params, loss.detach() * (float("nan") if bad else 1.0),
+                             clip_grad_norm_(params, 0.0), 0.05)
+                o.zero_grad()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.full_tensor(), q, rtol=1e-5, atol=1e-7)
 
         # pipeline-stage reduction: every rank holds different (plain) parameters
         torch.manual_seed(100 + rank)

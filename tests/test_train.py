@@ -1,6 +1,7 @@
 """End-to-end training runs: resume, layout changes, config errors, NaN handling, preemption, launch."""
 
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -140,9 +141,35 @@ def test_print_config(capsys):
     assert json.loads(capsys.readouterr().out)["training"]["steps"] == 7
 
 
-def test_nonfinite_steps_are_skipped_then_stop(tmp_path, in_process, monkeypatch):
+def test_host_reads_steps_only_when_logging(tmp_path, in_process, monkeypatch):
+    """Between logged steps the trainer never reads a loss: a streak of non-finite steps is found at the next
+    logged step (the weights were left alone on the device meanwhile), and train() still returns every loss."""
+    def trainer_in(folder):
+        return Trainer(load_config(str(REPO / "train_configs" / "debug_llama.toml"), [
+            f"--job.dump_folder={folder}", "--training.steps=8", "--training.seq_len=64",
+            "--training.local_batch_size=2", "--training.max_consecutive_nonfinite=3", "--metrics.log_freq=5",
+            "--metrics.enable_tensorboard=false", "--metrics.plot_loss=false"]))
+
+    trainer, settled_at = trainer_in(tmp_path / "good"), []
+    settle = trainer.settle_steps
+    monkeypatch.setattr(trainer, "settle_steps", lambda: (settled_at.append(trainer.train_state.step), settle())[1])
+    losses = trainer.train()
+    assert settled_at == [1, 5, 8] and len(losses) == 8 and all(math.isfinite(x) for x in losses)
+
+    trainer = trainer_in(tmp_path / "bad")
+    forward = trainer._forward_loss_sum
+    monkeypatch.setattr(trainer, "_forward_loss_sum", lambda batch: forward(batch) * (
+        float("nan") if trainer.train_state.step + 1 in (2, 3, 4) else 1.0))
+    with pytest.raises(NonFiniteError, match="3 consecutive steps .* the last at step 4"):
+        trainer.train()
+    assert trainer.train_state.step == 5 and trainer.train_state.total_nonfinite_skips == 3
+
+
+@pytest.mark.parametrize("implementation", ["fused", "foreach"])  # skipped on the device / by the host
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, in_process, monkeypatch, implementation):
     config = load_config(str(REPO / "train_configs" / "debug_llama.toml"), [
         f"--job.dump_folder={tmp_path}", "--training.steps=10", "--training.seq_len=64",
+        f"--optimizer.implementation={implementation}",
         "--training.local_batch_size=2", "--training.max_consecutive_nonfinite=3", "--metrics.log_freq=1",
         "--metrics.enable_tensorboard=false", "--metrics.plot_loss=false", *_ckpt(2)])
     trainer = Trainer(config)

@@ -6,6 +6,8 @@
   warmup-stable-decay (wsd).
 * :func:`clip_grad_norm_` - global L2 gradient norm over plain tensors and DTensors, optional
   all-reduce over pipeline stages, clipping that never scales by NaN.
+* :func:`clipped_step` - the optimizer step after the norm: clipping and the skip of a non-finite step
+  folded into torch's fused Adam(W) kernel (no host synchronisation), or done separately otherwise.
 """
 
 from __future__ import annotations
@@ -257,7 +259,65 @@ def clip_grad_norm_(
     if group is not None:
         total = _reduce_over_group(total, norm_type, group)
     if max_norm > 0:
-        safe = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
-        for group_params in _by_mesh(params):
-            torch.nn.utils.clip_grads_with_norm_(group_params, max_norm, safe, foreach=foreach)
+        _clip_grads_(params, max_norm, total, foreach)
     return total
+
+
+def _clip_grads_(params: list[torch.Tensor], max_norm: float, total: torch.Tensor, foreach: bool | None = None):
+    """Scale the gradients by min(max_norm / (total + 1e-6), 1); a non-finite total leaves them alone."""
+    safe = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+    for group_params in _by_mesh(params):
+        torch.nn.utils.clip_grads_with_norm_(group_params, max_norm, safe, foreach=foreach)
+
+
+# --------------------------------------------------------------------------------------------
+# The optimizer step
+# --------------------------------------------------------------------------------------------
+
+
+def steps_on_device(optimizers: list[torch.optim.Optimizer]) -> bool:
+    """Whether every optimizer runs torch's fused Adam(W) kernel, which divides the gradients by a
+    device scalar (``grad_scale``) and skips the update when a device flag (``found_inf``) is set:
+    then clipping and the skip of a non-finite step need no host synchronisation."""
+    return bool(optimizers) and all(o.defaults.get("fused") for o in optimizers)
+
+
+@torch.no_grad()
+def clipped_step(
+    optimizers: list[torch.optim.Optimizer],
+    params: list[torch.Tensor],
+    loss: torch.Tensor,
+    grad_norm: torch.Tensor,
+    max_norm: float,
+) -> torch.Tensor:
+    """Step every optimizer with the gradients of `params` clipped to `max_norm` by their global norm
+    `grad_norm` (from :func:`clip_grad_norm_` with ``max_norm=0``), unless `loss` or `grad_norm` is not
+    finite. Returns the device flag: 1.0 when the step was skipped, else 0.0.
+
+    With fused optimizers (:func:`steps_on_device`) the clip coefficient and the skip go into the
+    kernel and nothing waits for the device, so the host can queue the next step while this one
+    runs; the step counts of a skipped step are restored by torch, as for a mixed-precision
+    gradient scaler's skipped step. Otherwise the gradients are scaled first and the host reads the
+    flag to decide (one synchronisation). The two agree to float32 rounding: the fused kernel
+    divides by the reciprocal coefficient instead of multiplying by it.
+    """
+    finite = torch.isfinite(loss).to(grad_norm.device) & torch.isfinite(grad_norm)
+    skipped = (~finite).float()
+    if not steps_on_device(optimizers):
+        if max_norm > 0:
+            _clip_grads_(params, max_norm, grad_norm)
+        if not skipped.item():
+            for optimizer in optimizers:
+                optimizer.step()
+        return skipped
+    grad_scale = None
+    if max_norm > 0:  # gradients / grad_scale == gradients * min(max_norm / (norm + 1e-6), 1)
+        grad_scale = torch.clamp((grad_norm.float() + 1e-6) / max_norm, min=1.0)
+        grad_scale = torch.where(finite, grad_scale, torch.ones_like(grad_scale))
+    for optimizer in optimizers:
+        optimizer.grad_scale, optimizer.found_inf = grad_scale, skipped  # read by Adam(W).step (fused)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    return skipped

@@ -5,7 +5,9 @@
 One step: every data-parallel rank takes its micro-batches of the global batch for this step,
 runs forward and backward on each (the loss is normalised by the number of trained tokens of the
 whole global batch), the gradients are clipped by their global norm, and the optimizer steps
-unless the loss or the norm is not finite.
+unless the loss or the norm is not finite. With fused optimizers the clipping and that decision
+happen on the device, so the host queues step after step and reads losses only when it logs,
+checkpoints or stops (`Trainer.settle_steps`); batches come in pinned memory.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import contextlib
 import dataclasses
 import gc
 import logging
-import math
 import os
 import sys
 import time
@@ -38,7 +39,7 @@ from titanmm.metrics import MetricsLogger
 from titanmm.models import get_model_spec
 from titanmm.models.attention import set_sdpa_backends
 from titanmm.models.vlm.freeze import freeze
-from titanmm.optim import build_lr_scheduler, build_optimizer, clip_grad_norm_
+from titanmm.optim import build_lr_scheduler, build_optimizer, clip_grad_norm_, clipped_step
 from titanmm.parallel import PARALLELIZE_FNS, ParallelDims
 from titanmm.parallel.context_parallel import context_parallel_micro_batch, image_feature_index
 from titanmm.parallel.float8 import (convert_to_float8, for_shard_degree, precompute_scales,
@@ -157,6 +158,7 @@ class Trainer:
             register_scale_precompute(optimizer, [part], config.float8)
         self.schedulers = [build_lr_scheduler(o, config.lr_scheduler, t.steps) for o in self.optimizers]
         self.train_state = TrainState()
+        self._unsettled: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # see settle_steps
         self.checkpoint = CheckpointManager(
             config.checkpoint, str(self.dump_folder),
             states={"model": ModelState(self.model_parts),
@@ -198,8 +200,10 @@ class Trainer:
         if tokenizer is not None and tokenizer.vocab_size > self.lm_args.vocab_size:
             raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                               f"{self.lm_args.vocab_size} (model.tokenizer_path / model.flavor)")
+        # Pinned batches: a copy from pageable memory would wait for the device to finish the previous step.
         return build_text_data(t, tokenizer, self.dp_rank, self.dp_degree, self.grad_accum_steps,
-                               vocab_size=self.lm_args.vocab_size, cache_dir=str(self.dump_folder / "data_cache"))
+                               vocab_size=self.lm_args.vocab_size, cache_dir=str(self.dump_folder / "data_cache"),
+                               pin_memory=self.device.type == "cuda")
 
     # ------------------------------------------------------------------------------------------
     def _loss_parallel(self):
@@ -209,7 +213,8 @@ class Trainer:
     def _context_parallel_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The micro-batch on the device with what context parallelism shards along the sequence: positions
         (always explicit) and, for a VLM, the image-feature index computed on the whole sequence."""
-        out = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "document_ids"}
+        out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
+               if isinstance(v, torch.Tensor) and k != "document_ids"}
         input_ids = out["input_ids"]
         if "position_ids" not in out:
             out["position_ids"] = torch.arange(input_ids.shape[1], device=self.device).expand_as(input_ids).clone()
@@ -229,15 +234,17 @@ class Trainer:
         labels = batch["labels"].to(self.device, non_blocking=True)
         extra = {}
         if self.config.training.document_masking or self.dims.cp > 1:
-            extra["position_ids"] = batch["position_ids"].to(self.device)
+            extra["position_ids"] = batch["position_ids"].to(self.device, non_blocking=True)
             # A micro-batch of whole single documents needs no mask: plain causal attention is faster.
             if "document_ids" in batch and batch["document_ids"].max() > 0:
-                extra["document_ids"] = batch["document_ids"].to(self.device)
+                extra["document_ids"] = batch["document_ids"].to(self.device, non_blocking=True)
         if "pixel_values" in batch:  # [tiles, 3, H, W]: all tiles of the micro-batch
             extra["pixel_values"] = batch["pixel_values"].to(self.device, non_blocking=True)
         if "image_feature_index" in batch:  # context parallel: which image embedding each image token takes
             extra["image_feature_index"] = batch["image_feature_index"]
-        weights = batch["loss_weights"].to(self.device) if "loss_weights" in batch else None  # sqrt_length scaling
+        weights = None  # per-token loss weights of multimodal.loss_scaling = "sqrt_length"
+        if "loss_weights" in batch:
+            weights = batch["loss_weights"].to(self.device, non_blocking=True)
         with self.mixed_precision:
             logits = self.model(inputs, **extra)
         return self.loss_fn(logits, labels, weights)
@@ -260,19 +267,19 @@ class Trainer:
         input_ids = batch["input_ids"].to(self.device, non_blocking=True)
         args = (input_ids,)
         if self.config.training.document_masking:
-            kwargs = {"position_ids": batch["position_ids"].to(self.device)}
+            kwargs = {"position_ids": batch["position_ids"].to(self.device, non_blocking=True)}
             if batch["document_ids"].max() > 0:
-                kwargs["document_ids"] = batch["document_ids"].to(self.device)
+                kwargs["document_ids"] = batch["document_ids"].to(self.device, non_blocking=True)
         else:
             kwargs = {"position_ids": torch.arange(input_ids.shape[1], device=self.device).expand_as(input_ids)}
         if "pixel_values" in batch:  # regrouped by sample [B, N, 3, H, W] to be split like the tokens
             pixel_values, tile_mask = tiles_by_sample(batch["pixel_values"], batch["tiles_per_sample"])
             args += (pixel_values.to(self.device, non_blocking=True),)
-            kwargs["tile_mask"] = tile_mask.to(self.device)
+            kwargs["tile_mask"] = tile_mask.to(self.device, non_blocking=True)
         # The schedule splits one target tensor: loss weights travel with the labels as [B, S, 2] floats.
-        target = batch["labels"].to(self.device)
+        target = batch["labels"].to(self.device, non_blocking=True)
         if "loss_weights" in batch:
-            target = torch.stack([target.float(), batch["loss_weights"].to(self.device)], dim=-1)
+            target = torch.stack([target.float(), batch["loss_weights"].to(self.device, non_blocking=True)], dim=-1)
         losses = []
         self.pp_loss_scale = scale
         self.pp_schedule.step(*(args if self.pp_has_first_stage else ()),
@@ -283,15 +290,18 @@ class Trainer:
         losses = [loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach() for loss in losses]
         return torch.stack(losses).sum() / scale
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
-        """Forward/backward over this rank's micro-batches and one optimizer step. Returns (loss, grad_norm)."""
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward over this rank's micro-batches and one optimizer step (skipped on the device when
+        the loss or the gradient norm is not finite). Returns (loss, grad_norm) as device scalars: read them
+        through `settle_steps`, which also counts the skipped steps."""
         # Trained tokens, or the sum of the per-token loss weights (multimodal.loss_scaling = "sqrt_length").
         local_count = sum(float(mb["loss_weights"].sum()) if "loss_weights" in mb else
                           int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
         dp_cp_mesh = self.dims.mesh_for("dp_cp")
         dp_cp_group = dp_cp_mesh.get_group()
         # The cp ranks of a data-parallel rank hold the same micro-batches: count their tokens once.
-        global_count = all_reduce(torch.tensor(float(local_count), device=self.device), group=dp_cp_group)
+        # torch.full fills on the device: a tensor copied from host memory would wait for the previous step.
+        global_count = all_reduce(torch.full((), float(local_count), device=self.device), group=dp_cp_group)
         global_count = global_count / self.dims.cp
         # FSDP averages gradients over the dp x cp ranks; multiplying back makes the gradient
         # that of (sum of token losses of the global batch) / (trained tokens of the global batch).
@@ -312,28 +322,45 @@ class Trainer:
             loss_sum = all_reduce(loss_sum, group=self.dims.mesh_for("pp").get_group())
         loss_t = all_reduce(loss_sum, group=dp_cp_group) / global_count.clamp(min=1.0)
         params = [p for part in self.model_parts for p in part.parameters() if p.grad is not None]
-        grad_norm_t = clip_grad_norm_(params, self.config.training.max_norm,
-                                      pp_mesh=self.dims.mesh_for("pp") if self.dims.pp > 1 else None)
-        loss, grad_norm = torch.stack([loss_t, grad_norm_t.to(loss_t)]).tolist()  # one host sync
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            for optimizer in self.optimizers:
-                optimizer.step()
-            self.train_state.consecutive_nonfinite_skips = 0
-        else:
-            self.train_state.consecutive_nonfinite_skips += 1
-            self.train_state.total_nonfinite_skips += 1
-            if self.rank == 0:
-                logger.warning(f"step {self.train_state.step + 1}: non-finite loss {loss} or grad norm {grad_norm}; "
-                               f"optimizer step skipped ({self.train_state.consecutive_nonfinite_skips} in a row)")
+        grad_norm_t = clip_grad_norm_(params, 0.0, pp_mesh=self.dims.mesh_for("pp") if self.dims.pp > 1 else None)
+        skipped = clipped_step(self.optimizers, params, loss_t, grad_norm_t, self.config.training.max_norm)
         for optimizer, scheduler in zip(self.optimizers, self.schedulers):
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        if self.train_state.consecutive_nonfinite_skips >= self.config.training.max_consecutive_nonfinite:
-            raise NonFiniteError(
-                f"{self.train_state.consecutive_nonfinite_skips} consecutive steps with a non-finite loss or gradient "
-                f"(training.max_consecutive_nonfinite = {self.config.training.max_consecutive_nonfinite}); stopping. "
-                "The last good checkpoint is intact.")
-        return loss, grad_norm
+        self._unsettled.append((self.train_state.step + 1, loss_t, grad_norm_t, skipped))
+        return loss_t, grad_norm_t
+
+    def settle_steps(self) -> list[tuple[float, float]]:
+        """(loss, grad_norm) of the steps run since the last call, read from the device in one synchronisation.
+
+        A step whose loss or gradient norm was not finite was skipped on the device (`optim.clipped_step`);
+        here it is counted and logged, and `NonFiniteError` is raised once training.max_consecutive_nonfinite
+        of them came in a row. The trainer settles at every logged step, before every checkpoint and at the
+        end, so the counts it saves and reports are exact; in between the host never waits for the device.
+        """
+        if not self._unsettled:
+            return []
+        steps = [step for step, *_ in self._unsettled]
+        device = self._unsettled[0][1].device
+        values = torch.stack([torch.stack([loss.float(), norm.float().to(device), skipped.to(device)])
+                              for _, loss, norm, skipped in self._unsettled]).tolist()
+        self._unsettled.clear()
+        state, limit = self.train_state, self.config.training.max_consecutive_nonfinite
+        for step, (loss, grad_norm, skipped) in zip(steps, values):
+            if not skipped:
+                state.consecutive_nonfinite_skips = 0
+                continue
+            state.consecutive_nonfinite_skips += 1
+            state.total_nonfinite_skips += 1
+            if self.rank == 0:
+                logger.warning(f"step {step}: non-finite loss {loss} or grad norm {grad_norm}; "
+                               f"optimizer step skipped ({state.consecutive_nonfinite_skips} in a row)")
+            if state.consecutive_nonfinite_skips >= limit:
+                raise NonFiniteError(
+                    f"{state.consecutive_nonfinite_skips} consecutive steps with a non-finite loss or gradient "
+                    f"(training.max_consecutive_nonfinite = {limit}), the last at step {step}; stopping. "
+                    "The last good checkpoint is intact.")
+        return [(loss, grad_norm) for loss, grad_norm, _ in values]
 
     def train(self) -> list[float]:
         """Run to training.steps; returns the losses of the steps run by this call."""
@@ -347,26 +374,29 @@ class Trainer:
                 step_index = self.train_state.step  # 0-based index of the step being run
                 micro_batches = self.data.microbatches(step_index)
                 lr = self.schedulers[0].get_last_lr()[0]
-                loss, grad_norm = self.train_step(micro_batches)
+                self.train_step(micro_batches)
                 self.train_state.step += 1
                 step = self.train_state.step
-                losses.append(loss)
                 tokens_since_log += self.tokens_per_micro_batch * len(micro_batches) * self.dp_degree
                 eval_metrics, eval_seconds = self.online_eval.maybe_run(step)  # ({}, 0.0) unless an eval step
                 time_last_log += eval_seconds  # evaluation time is not training throughput
                 if step % cfg.training.gc_freq == 0:
                     gc.collect()
-                if step == 1 or step % cfg.metrics.log_freq == 0 or step == cfg.training.steps or eval_metrics:
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize()
+                last = step == cfg.training.steps
+                log_now = step == 1 or step % cfg.metrics.log_freq == 0 or last or bool(eval_metrics)
+                stop = self.preemption.should_stop()
+                if log_now or stop or self.checkpoint.due(step, last=last or stop):
+                    settled = self.settle_steps()  # waits for the device
+                    losses += [loss for loss, _ in settled]
+                if log_now:
+                    loss, grad_norm = settled[-1]
                     now = time.perf_counter()
                     self.metrics.log(step, loss=loss, grad_norm=grad_norm, lr=lr,
                                      tokens=tokens_since_log // self.world_size, seconds=now - time_last_log,
                                      extra={"skipped_steps": self.train_state.total_nonfinite_skips, **eval_metrics,
                                             **(self.data.pop_metrics() if isinstance(self.data, VLMData) else {})})
                     tokens_since_log, time_last_log = 0, now
-                stop = self.preemption.should_stop()
-                self.checkpoint.save(step, last=step == cfg.training.steps or stop)
+                self.checkpoint.save(step, last=last or stop)
                 self.profiler.step(step)
                 if stop:
                     if self.rank == 0:

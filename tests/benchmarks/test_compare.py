@@ -235,3 +235,15 @@ def test_readme_table_needs_the_markers():
     with pytest.raises(ValueError, match="perf-table"):
         readme_table.replace_table("## Performance\nno markers\n", "x")
     assert "No side-by-side results yet" in readme_table.render([])
+
+
+def test_log_freq_reaches_both_sides_and_windows_start_after_warmup(tmp_path):
+    w = compare.WORKLOADS["llama3_8b_proxy_bf16"]
+    runs = compare.plan(w, 1, 40, tmp_path, log_freq=10)
+    titanmm = next(r for r in runs if r.side == "titanmm").argv
+    peer = next(r for r in runs if r.side == "peer").argv
+    assert "--metrics.log_freq=10" in titanmm and peer[peer.index("--metrics.log_freq") + 1] == "10"
+    records = [{"step": s, "tps_per_gpu": float(s), "tflops_per_gpu": 1.0, "mfu": 0.5, "peak_mem_gib": 1.0}
+               for s in (1, 10, 20, 30, 40)]
+    summary = compare.summarize_steps(records, warmup=5, log_freq=10)
+    assert summary["steps"] == [20, 40] and summary["tps_per_gpu"] == 30.0  # steps 11-20, 21-30, 31-40

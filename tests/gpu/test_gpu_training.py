@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from tests.utils import REPO, logged, run_training
+from titanmm.config import load_config
+from titanmm.train import Trainer
 from titanmm.models.attention import causal_attention, document_mask
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -98,3 +100,30 @@ def test_single_gpu_autocast_follows_fsdp(tmp_path, model):
     again = logged(resumed)
     for step in (11, 20):
         assert abs(again[step] - autocast[step]) <= 1e-3 * autocast[step], (step, again[step], autocast[step])
+
+
+@pytest.mark.parametrize("model", ["llama_compiled", "vlm"])
+def test_steps_between_logs_never_wait_for_the_gpu(tmp_path, in_process, monkeypatch, model):
+    """After warm-up, a training step queues its work and returns without one host synchronisation (clipping
+    and the skip of a non-finite step run inside the fused AdamW kernel, batches come pinned, the VLM checks
+    its image placeholders on the device); the losses are read at the logged steps only."""
+    config_file, extra = {"llama_compiled": ("debug_llama.toml", ["--compile.enable=true",
+                                                                  "--activation_checkpoint.mode=selective"]),
+                          "vlm": ("debug_vlm.toml", ["--model.freeze=lm,vision"])}[model]
+    trainer = Trainer(load_config(str(REPO / "train_configs" / config_file), [
+        f"--job.dump_folder={tmp_path}", "--training.steps=6", "--metrics.log_freq=6", "--training.seq_len=512",
+        "--metrics.enable_tensorboard=false", "--metrics.plot_loss=false", *extra]))
+    train_step = trainer.train_step
+
+    def step_that_must_not_synchronise(micro_batches):
+        if trainer.train_state.step < 2:  # compilation and kernel autotuning synchronise
+            return train_step(micro_batches)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return train_step(micro_batches)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(trainer, "train_step", step_that_must_not_synchronise)
+    losses = trainer.train()
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))

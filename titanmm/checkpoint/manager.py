@@ -137,11 +137,9 @@ class CheckpointManager:
         if not self.enabled:
             return
         self.maybe_finalize()
-        if step == self._last_saved_step:  # e.g. the last step is also an interval step
-            if last:
+        if not self.due(step, last):
+            if last and step == self._last_saved_step:  # e.g. the last step is also an interval step
                 self._wait_pending()
-            return
-        if not (step % self.config.interval == 0 or last):
             return
         self._wait_pending()
         tmp_dir = self._prepare_tmp_dir(step)
@@ -164,6 +162,11 @@ class CheckpointManager:
                                f"{self.folder} are intact") from e
         self._last_saved_step = step
         self._commit(step, tmp_dir, started)
+
+    def due(self, step: int, last: bool = False) -> bool:
+        """Whether `save(step, last)` writes a checkpoint."""
+        return (self.enabled and step != self._last_saved_step
+                and (step % self.config.interval == 0 or last))
 
     def _async_save(self, state: dict[str, Any], tmp_dir: Path, planner) -> Future:
         """Start `dcp.async_save` (it copies the state to CPU before returning) and return its future."""

@@ -65,8 +65,22 @@ def causal_attention(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.T
     if mask is None:
         return F.scaled_dot_product_attention(q_bhsd, k_bhsd, v_bhsd, is_causal=True, enable_gqa=gqa)
     if isinstance(mask, torch.Tensor):
+        if gqa and q_bhsd.shape[2] == 1 and mask.shape[1] == 1:
+            return _decode_attention(q_bhsd, k_bhsd, v_bhsd, mask)
         return F.scaled_dot_product_attention(q_bhsd, k_bhsd, v_bhsd, attn_mask=mask, enable_gqa=gqa)
     return _flex(q_bhsd, k_bhsd, v_bhsd, mask, gqa)
+
+
+def _decode_attention(q_bh1d: torch.Tensor, k_bkld: torch.Tensor, v_bkld: torch.Tensor,
+                      mask_b11l: torch.Tensor) -> torch.Tensor:
+    """One query per row with grouped-query heads: the G = H / KV query heads that share a key/value head
+    become G query rows of that head, q [B, H, 1, D] -> [B, KV, G, D] (heads kv * G .. kv * G + G - 1 use
+    key/value head kv, as `enable_gqa` does). Plain attention then reads each key/value head once, where
+    `enable_gqa` with a mask takes the math kernel, which first copies every key/value head G times."""
+    b, h, _, d = q_bh1d.shape
+    out_bkgd = F.scaled_dot_product_attention(q_bh1d.reshape(b, k_bkld.shape[1], h // k_bkld.shape[1], d),
+                                              k_bkld, v_bkld, attn_mask=mask_b11l)
+    return out_bkgd.reshape(b, h, 1, d)
 
 
 class CausalAttentionKernel(nn.Module):

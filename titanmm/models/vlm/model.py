@@ -84,13 +84,16 @@ class VisionLanguageModel(nn.Module):
                                images_nd: torch.Tensor | None) -> torch.Tensor:
         """Put the image embeddings, in order, where `input_ids == image_token_id`."""
         is_image_bs = input_ids == self.args.image_token_id
-        num_placeholders = int(is_image_bs.sum())
         num_embeddings = 0 if images_nd is None else images_nd.shape[0]
-        if num_placeholders != num_embeddings:
-            raise ValueError(
-                f"the batch has {num_placeholders} image placeholder tokens (id {self.args.image_token_id}) but the "
-                f"images give {num_embeddings} embeddings; the data pipeline must expand every image into exactly "
-                f"{self.tokens_per_tile_hint()} placeholders per tile")
+        mismatch = (f"image placeholder tokens (id {self.args.image_token_id}) but the images give {num_embeddings} "
+                    f"embeddings; the data pipeline must expand every image into exactly "
+                    f"{self.tokens_per_tile_hint()} placeholders per tile")
+        if is_image_bs.device.type == "cpu":
+            num_placeholders = int(is_image_bs.sum())
+            if num_placeholders != num_embeddings:
+                raise ValueError(f"the batch has {num_placeholders} {mismatch}")
+        else:  # checked on the device: reading the count on the host would wait for the previous step
+            torch._assert_async(is_image_bs.sum() == num_embeddings, f"the batch's count of {mismatch}")
         if images_nd is None:
             return h_bsd
         return h_bsd.masked_scatter(is_image_bs.unsqueeze(-1), images_nd.to(h_bsd.dtype))
