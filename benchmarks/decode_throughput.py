@@ -100,6 +100,27 @@ def time_batch(model: Transformer, batch: int, prompt_len: int, new_tokens: int,
             "seconds_all_calls": times, "peak_mem_gib": peak}
 
 
+def profile_call(model: Transformer, batch: int, prompt_len: int, new_tokens: int, folder: Path,
+                 compile: bool = False) -> Path:
+    """One more generate call (after the timed ones) under torch.profiler: writes the kernel time breakdown
+    (`titanmm.utils.profiling.profile_breakdown`) and a Chrome trace to `folder`; returns the breakdown's path."""
+    from titanmm.utils.profiling import profile_breakdown
+
+    generator = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(0, model.args.vocab_size - 1, (batch, prompt_len), generator=generator)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.record_function(f"ProfilerStep#decode_B{batch}"):
+            generate(model, prompts, max_new_tokens=new_tokens, compile=compile)
+    folder.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(folder / f"decode_B{batch}_trace.json"))
+    out = folder / f"decode_B{batch}_kernels.txt"
+    out.write_text(profile_breakdown(prof, f"generate, batch {batch}, {prompt_len} + {new_tokens} tokens") + "\n")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--flavor", default="llama3_8b", choices=sorted(LLAMA_FLAVORS))
@@ -113,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="compiled decode step (CUDA graphs on GPU; titanmm.generate compile=True)")
     parser.add_argument("--json", default=None, help="write the results to this file")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="profile one more call per batch: kernel breakdown and Chrome trace into DIR")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -131,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         if batch == 1:
             r["bandwidth_bound_fraction"] = r["new_tokens_per_s"] / bound
         batches[str(batch)] = r
+        if args.profile:
+            r["profile"] = str(profile_call(model, batch, args.prompt_len, args.new_tokens, Path(args.profile),
+                                            args.compile))
         bound_note = f", {100 * r['bandwidth_bound_fraction']:.1f}% of the bandwidth bound" if batch == 1 else ""
         peak = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f} GiB"
         print(f"titanmm generate {args.flavor} B={batch}: {r['new_tokens_per_s']:,.1f} new tok/s "
