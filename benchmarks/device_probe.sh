@@ -48,6 +48,12 @@ for probe in ${PROBES:-attention cudnn acnone fp8plain decode}; do
     llava) compare --workload llava_mistral_clip336_pretrain ;;
     bf16_log10) compare --workload llama3_8b_proxy_bf16 --tag log10 --log-freq 10 --steps 44 ;;
     fp8_log10) compare --workload llama3_8b_proxy_fp8 --tag log10 --log-freq 10 --steps 44 ;;
+    budget*) compare --workload llama3_8b_proxy_bf16 --only titanmm --tag "memory_${probe}_log10" --log-freq 10 \
+               --steps 44 --titanmm-arg=--activation_checkpoint.mode=memory_budget \
+               "--titanmm-arg=--activation_checkpoint.memory_budget=0.${probe#budget}" ;;
+    acnone_log10) compare --workload llama3_8b_proxy_bf16 --tag acnone_log10 --log-freq 10 --steps 44 \
+               --titanmm-arg=--activation_checkpoint.mode=none \
+               --peer-arg=--activation_checkpoint.mode --peer-arg=none ;;
     llava_log10) compare --workload llava_mistral_clip336_pretrain --tag log10 --log-freq 10 --steps 44 ;;
     decode_all) compare --workload decode_llama3_8b ;;
     decode_profile) python3 benchmarks/decode_throughput.py --flavor llama3_8b --batch 1 32 --compile \

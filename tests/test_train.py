@@ -111,6 +111,9 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     (["--training.seq_len=4096"], "training.seq_len = 4096 exceeds"),
     (["--training.global_batch_size=12"], "training.global_batch_size = 12"),
     (["--activation_checkpoint.mode=most"], "activation_checkpoint.mode = 'most'"),
+    (["--activation_checkpoint.mode=memory_budget"], "activation_checkpoint.mode = 'memory_budget' needs compile"),
+    (["--activation_checkpoint.mode=memory_budget", "--compile.enable=true", "--activation_checkpoint.memory_budget=2"],
+     "activation_checkpoint.memory_budget = 2.0"),
     (["--model.name=vlm", "--model.flavor=debug_vlm"], "training.dataset = 'shipped' does not exist"),
     (["--model.name=clip"], "model.name = 'clip'"),
 ])
@@ -195,3 +198,24 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, in_process, monkeypatch
     step6 = load(tmp_path / "checkpoint", step=6).state_dict()
     for name, value in step4.items():
         assert torch.isfinite(value).all() and torch.equal(value, step6[name]), name
+
+
+def test_memory_budget_checkpointing_trains_like_none(tmp_path, in_process):
+    """Compiled blocks under a zero activation budget (recompute all the partitioner can) train like plain
+    uncheckpointed blocks; the budget reaches the compiler."""
+    import torch._functorch.config as functorch_config
+
+    def losses(folder, overrides):
+        return Trainer(load_config(str(REPO / "train_configs" / "debug_llama.toml"), [
+            f"--job.dump_folder={folder}", "--training.steps=3", "--training.seq_len=32",
+            "--training.local_batch_size=2", "--metrics.enable_tensorboard=false", "--metrics.plot_loss=false",
+            *overrides])).train()
+
+    reference = losses(tmp_path / "none", [])
+    try:
+        budgeted = losses(tmp_path / "budget", ["--compile.enable=true", "--activation_checkpoint.mode=memory_budget",
+                                               "--activation_checkpoint.memory_budget=0.0"])
+        assert functorch_config.activation_memory_budget == 0.0
+    finally:
+        functorch_config.activation_memory_budget = 1.0
+    assert budgeted == pytest.approx(reference, rel=1e-4)

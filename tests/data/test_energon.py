@@ -7,6 +7,7 @@ image file is missing; the loader's output is compared with titanmm's own functi
 from __future__ import annotations
 
 import json
+import random
 import tarfile
 
 import pytest
@@ -20,7 +21,8 @@ from megatron.energon import SkipSample, WorkerConfig, get_loader, get_savable_l
 from data_testing import CharTokenizer  # noqa: E402
 from titanmm.data.chat import encode_conversation, expand_images, sft_sample  # noqa: E402
 from titanmm.data.convert_llava import convert  # noqa: E402
-from titanmm.data.energon import VLMTaskEncoder, image_config_from_args, llava_turns  # noqa: E402
+from titanmm.data.energon import (VLMTaskEncoder, first_fit_decreasing, fullest_first_bins,  # noqa: E402
+                                  greedy_knapsack, image_config_from_args, llava_turns)
 from titanmm.data.images import ImageProcessor  # noqa: E402
 from titanmm.data.packed import IGNORE_INDEX  # noqa: E402
 from titanmm.models.vlm.args import ImageArgs  # noqa: E402
@@ -210,7 +212,10 @@ def _same(a, b):
                                                   ("input_ids", "labels", "pixel_values", "num_tiles"))
 
 
-def test_savable_loader_state_round_trip(dataset):
+@pytest.mark.parametrize("packing_buffer_size", [None, 3])
+def test_savable_loader_state_round_trip(dataset, packing_buffer_size):
+    """A restored loader continues with the same batches, also with packing: energon re-creates the samples of
+    its packing buffers (and of packs not yet emitted) from their restore keys."""
     root, _, _, _ = dataset
     tokenizer = ChatCharTokenizer()
     seq_len = seq_len_for(tokenizer)
@@ -218,7 +223,8 @@ def test_savable_loader_state_round_trip(dataset):
     def loader():
         encoder = VLMTaskEncoder(tokenizer, "chatml", image_args(), IMAGE_TOKEN, TOKENS_PER_TILE, seq_len)
         ds = get_train_dataset(str(root / "raw"), worker_config=WorkerConfig(rank=0, world_size=1, num_workers=0),
-                               batch_size=2, shuffle_buffer_size=4, max_samples_per_sequence=2, task_encoder=encoder)
+                               batch_size=2, shuffle_buffer_size=4, max_samples_per_sequence=2, task_encoder=encoder,
+                               packing_buffer_size=packing_buffer_size)
         return get_savable_loader(ds)
 
     first = loader()
@@ -231,6 +237,8 @@ def test_savable_loader_state_round_trip(dataset):
     second.restore_state_rank(state)
     resumed = _take(iter(second), 4)
     assert all(_same(a, b) for a, b in zip(reference, resumed))
+    if packing_buffer_size:
+        assert any(len(b["__keys__"]) > len(b["input_ids"]) for b in reference)  # rows of several samples
 
 
 def test_convert_from_saved_hf_dataset(dataset, tmp_path):
@@ -266,3 +274,54 @@ def test_convert_from_saved_hf_dataset(dataset, tmp_path):
     with tarfile.open(tmp_path / "from_hf" / "train-000000.tar") as tar:
         stored = tar.extractfile("s0_jpg.png").read()
     assert stored == (images / "red.png").read_bytes()
+
+
+
+def _fullest_total(lengths, capacity):
+    """The largest total <= capacity of any subset (brute force)."""
+    totals = (sum(n for i, n in enumerate(lengths) if mask >> i & 1) for mask in range(1 << len(lengths)))
+    return max(t for t in totals if t <= capacity)
+
+
+def _check_bins(bins, lengths, capacity):
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))  # nothing dropped or repeated
+    assert all(b and sum(lengths[i] for i in b) <= capacity for b in bins)
+    assert all([(-lengths[i], i) for i in b] == sorted((-lengths[i], i) for i in b) for b in bins)
+
+
+def test_greedy_knapsack_fills_each_bin_most():
+    # first-fit decreasing needs 3 bins ([40, 35], [35, 30, 30], [30]); the fullest subsets need 2
+    lengths = [30, 40, 35, 30, 35, 30]
+    assert first_fit_decreasing(lengths, 100) == [[1, 2], [4, 0, 3], [5]]
+    assert greedy_knapsack(lengths, 100) == fullest_first_bins(lengths, 100) == [[2, 4, 0], [1, 3, 5]]
+    # ... and on rare inputs the other way round: then greedy_knapsack takes first-fit decreasing's bins
+    lengths = [21, 31, 12, 20, 31, 13]
+    assert fullest_first_bins(lengths, 50) == [[0, 5, 2], [1], [4], [3]]  # 46, then no two of 31, 31, 20 fit
+    assert greedy_knapsack(lengths, 50) == first_fit_decreasing(lengths, 50) == [[1, 5], [4, 2], [0, 3]]
+    rng = random.Random(0)
+    for trial in range(300):
+        capacity = rng.choice([50, 100, 337])
+        lengths = [rng.randint(0 if trial % 7 == 0 else 1, capacity) for _ in range(rng.randint(0, 12))]
+        fullest, fitted, bins = (f(lengths, capacity) for f in (fullest_first_bins, first_fit_decreasing,
+                                                                 greedy_knapsack))
+        for b in (fullest, fitted, bins):
+            _check_bins(b, lengths, capacity)
+        assert greedy_knapsack(list(lengths), capacity) == bins  # deterministic
+        assert bins == (fitted if len(fitted) < len(fullest) else fullest)
+        left = list(range(len(lengths)))  # each bin is the fullest subset of what the bins before it left
+        for b in fullest:
+            assert sum(lengths[i] for i in b) == _fullest_total([lengths[i] for i in left], capacity)
+            left = [i for i in left if i not in b]
+    assert greedy_knapsack([], 10) == [] and greedy_knapsack([0, 0], 10) == [[0, 1]]
+    for bad in ([11], [-1]):
+        with pytest.raises(ValueError):
+            greedy_knapsack(bad, 10)
+
+def test_select_samples_to_pack_groups_every_sample_once():
+    tokenizer = ChatCharTokenizer()
+    encoder = VLMTaskEncoder(tokenizer, "chatml", image_args(), IMAGE_TOKEN, TOKENS_PER_TILE, 64)
+    lengths = [64, 40, 30, 24, 20, 17, 10, 9, 3, 1]
+    samples = [{"input_ids": torch.zeros(n, dtype=torch.long), "__keys__": [f"k{i}"]} for i, n in enumerate(lengths)]
+    groups = encoder.select_samples_to_pack(samples)
+    assert sorted(k for g in groups for s in g for k in s["__keys__"]) == sorted(f"k{i}" for i in range(10))
+    assert [sum(len(s["input_ids"]) for s in g) for g in groups] == [64, 64, 64, 26]

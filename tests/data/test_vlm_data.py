@@ -246,7 +246,7 @@ def test_greedy_knapsack():
     bins = greedy_knapsack(lengths, 100)
     assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in b) <= 100 for b in bins)
-    assert bins[0] == [4] and bins[1] == [0, 3]  # longest first, then the longest that still fits
+    assert bins[0] == [4] and bins[1] == [0, 3]  # the fullest bins first, longer items preferred
     with pytest.raises(ValueError):
         greedy_knapsack([101], 100)
 

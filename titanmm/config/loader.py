@@ -188,7 +188,14 @@ def validate(config: JobConfig, world_size: int | None = None) -> None:
     _validate_context_parallel(c)
     _validate_pipeline(c)
     _choice("parallelism.fsdp_reshard_after_forward", p.fsdp_reshard_after_forward, ("default", "always", "never"))
-    _choice("activation_checkpoint.mode", c.activation_checkpoint.mode, ("none", "full", "selective"))
+    _choice("activation_checkpoint.mode", c.activation_checkpoint.mode, ("none", "full", "selective", "memory_budget"))
+    if c.activation_checkpoint.mode == "memory_budget":
+        if not c.compile.enable:
+            raise ConfigError("activation_checkpoint.mode = 'memory_budget' needs compile.enable = true (the compiler "
+                              "decides what to recompute)")
+        if not 0.0 <= c.activation_checkpoint.memory_budget <= 1.0:
+            raise ConfigError(f"activation_checkpoint.memory_budget = {c.activation_checkpoint.memory_budget}; "
+                              "expected a fraction in [0, 1]")
     sac = c.activation_checkpoint.selective_ac_option
     if sac != "op" and not (sac.isdigit() and int(sac) > 0):
         raise ConfigError(f"activation_checkpoint.selective_ac_option = {sac!r}; expected 'op' or a positive integer")

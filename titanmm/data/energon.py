@@ -36,11 +36,15 @@ Pipeline per sample:
    sample (tile counts from `tiling.num_tiles_for`, so pixels are made once, for the chosen budget).
    `chat.expand_images` lays out tags + image tokens; `chat.sft_sample` makes input_ids / labels. Text is
    never truncated: a sample that does not fit even with one tile per image is skipped ("too_long").
-4. Packing (only when the dataset is built with `packing_buffer_size`): `select_samples_to_pack` fills
-   sequences of at most seq_len tokens greedily from a buffer of encoded samples (largest sample that still
-   fits first), `pack_selected_samples` concatenates each group; `batch` then gives every packed sample its
-   own document id and positions restarting at 0, so the language model's document masking keeps the
-   samples from attending to each other (labels never cross a sample boundary: each is shifted on its own).
+4. Packing (only when the dataset is built with `packing_buffer_size`): `select_samples_to_pack` groups a
+   buffer of encoded samples into sequences of at most seq_len tokens, each sequence in turn the subset of the
+   remaining samples that fills it most (`greedy_knapsack`), and `pack_selected_samples` concatenates each group.
+   energon (its `PackingDataset`) hands over one full buffer at a time and emits every returned group, in order,
+   before it selects from the next buffer: a sample left out of all groups would be dropped, and none can wait
+   for the next buffer (energon's checkpoint holds only its own buffers), so every sample of a buffer is packed
+   in that buffer's groups. `batch` then gives every packed sample its own document id and positions
+   restarting at 0, so the language model's document masking keeps the samples from attending to each other
+   (labels never cross a sample boundary: each is shifted on its own).
 5. `batch`: pads input_ids (pad id) and labels (-100) to seq_len (in a packed row the padding is one more
    document); tiles of all images are concatenated, row after row.
 
@@ -55,7 +59,6 @@ directly, and a corrupt image is a counted skip rather than an energon decoding 
 
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import re
@@ -203,24 +206,90 @@ def tile_budgets(max_tiles: int) -> list[int]:
     return [max_tiles] + [b for b in MEGATRON_TILE_BUDGETS if b < max_tiles]
 
 
-def greedy_knapsack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Indices of `lengths` grouped into bins of total length <= capacity: each bin is filled by taking the
-    longest remaining item that still fits, until none does. Deterministic (ties keep the input order)."""
+def fullest_subset(lengths: Sequence[int], candidates: Sequence[int], capacity: int) -> list[int]:
+    """The subset of `candidates` (indices into `lengths`, each length in 1..capacity) whose total length is the
+    largest that is <= capacity: an exact 0/1 knapsack by subset sums, with a Python int as the bitset of the
+    reachable totals. Ties are broken towards the earlier candidates: the subset comes from the shortest prefix of
+    `candidates` that reaches the total, and going backwards through that prefix a candidate is left out whenever
+    the ones before it can still make up the rest. Returned in candidate order."""
+    full = 1 << capacity
+    mask = (full << 1) - 1
+    reachable = [1]  # reachable[k]: bit t is set when some subset of the first k candidates sums to t
+    for i in candidates:
+        totals = reachable[-1]
+        reachable.append((totals | (totals << lengths[i])) & mask)
+        if reachable[-1] & full:  # a full bin: later candidates cannot do better
+            break
+    total = reachable[-1].bit_length() - 1
+    chosen = []
+    for k in range(len(reachable) - 2, -1, -1):
+        if not (reachable[k] >> total) & 1:  # the total needs candidate k
+            chosen.append(candidates[k])
+            total -= lengths[candidates[k]]
+    assert total == 0
+    return chosen[::-1]
+
+
+def _check_lengths(lengths: Sequence[int], capacity: int) -> None:
     if any(n > capacity for n in lengths):
         raise ValueError(f"an item of length {max(lengths)} exceeds the capacity {capacity}")
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    sizes = [lengths[i] for i in order]
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"an item has the negative length {min(lengths)}")
+
+
+def _longest_first(lengths: Sequence[int]) -> list[int]:
+    """Indices by decreasing length, ties by increasing index."""
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
+
+def fullest_first_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` in bins of total length <= capacity: each bin, in turn, is the subset of the items
+    left with the largest total that fits (`fullest_subset` over the items longest first; "minimum bin slack"
+    bin packing), so all but the last bins are (nearly) full. Items of length 0 go to the first bin."""
+    _check_lengths(lengths, capacity)
+    order = [i for i in _longest_first(lengths) if lengths[i] > 0]
     bins = []
     while order:
-        room, chosen = capacity, []
-        while True:
-            k = bisect.bisect_right(sizes, room) - 1  # longest item that fits (the last of equal lengths)
-            if k < 0:
-                break
-            room -= sizes.pop(k)
-            chosen.append(order.pop(k))
+        chosen = order if sum(lengths[i] for i in order) <= capacity else fullest_subset(lengths, order, capacity)
+        taken = set(chosen)
+        order = [i for i in order if i not in taken]
         bins.append(chosen)
+    empty = [i for i in range(len(lengths)) if lengths[i] == 0]
+    if empty:
+        bins = [bins[0] + empty] + bins[1:] if bins else [empty]
     return bins
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` in bins of total length <= capacity by first-fit decreasing: items longest first,
+    each into the first bin with room (the same bins as filling one bin at a time with the longest item that
+    still fits)."""
+    _check_lengths(lengths, capacity)
+    bins, room = [], []
+    for i in _longest_first(lengths):
+        k = next((k for k, r in enumerate(room) if lengths[i] <= r), len(bins))
+        if k == len(bins):
+            bins.append([])
+            room.append(capacity)
+        bins[k].append(i)
+        room[k] -= lengths[i]
+    return bins
+
+
+def greedy_knapsack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into bins of total length <= capacity, the fullest bins first.
+
+    `fullest_first_bins` (an exact knapsack per bin), unless first-fit decreasing needs fewer bins (rare inputs
+    only). Filling each bin most packs much tighter than first-fit decreasing when the items are a sixth to a third
+    of the capacity, as image-text samples are: first-fit decreasing leaves a few hundred tokens free in most bins.
+    On LLaVA-665K-like SFT lengths in bins of 4096, the bins of 32-item buffers are 93.2% full instead of 87.8%,
+    of 96-item buffers 97.0% instead of 92.5% (benchmarks/vlm_packing.py). Deterministic; every index is in
+    exactly one bin; within a bin the items are in decreasing length (ties: increasing index). Cost:
+    O(bins * items * capacity / 64) machine-word operations (~1 ms for 128 items at capacity 4096).
+    """
+    fullest = fullest_first_bins(lengths, capacity)
+    fitted = first_fit_decreasing(lengths, capacity)
+    return fitted if len(fitted) < len(fullest) else fullest
 
 
 class VLMTaskEncoder(DefaultTaskEncoder[Sample, dict, dict, dict]):
@@ -389,7 +458,8 @@ class VLMTaskEncoder(DefaultTaskEncoder[Sample, dict, dict, dict]):
         return out
 
     def select_samples_to_pack(self, samples: list[dict]) -> list[list[dict]]:
-        """Greedy knapsack of the buffered samples into sequences of at most seq_len tokens."""
+        """The buffered samples grouped into sequences of at most seq_len tokens, fullest first
+        (`greedy_knapsack`); every sample is in exactly one group (energon drops samples left out)."""
         bins = greedy_knapsack([len(s["input_ids"]) for s in samples], self.seq_len)
         return [[samples[i] for i in group] for group in bins]
 

@@ -1,7 +1,9 @@
-"""Activation checkpointing of transformer blocks: full, every N-th block, or per-op selective.
+"""Activation checkpointing of transformer blocks: full, every N-th block, per-op selective, or a memory budget.
 
 Per-op selective keeps the outputs of attention kernels and of every other matmul, and
-recomputes the cheap element-wise work (norms, activations, RoPE) in backward.
+recomputes the cheap element-wise work (norms, activations, RoPE) in backward. With a memory
+budget no block is wrapped: torch.compile's min-cut partitioner chooses, per compiled block, the
+saved activations that cost least recompute within the budget.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def _op_selective_context():
 
 def wrap_block(block: nn.Module, mode: str, selective_option: str, block_index: int) -> nn.Module:
     """Return `block` wrapped for activation checkpointing (or unchanged)."""
-    if mode == "none":
+    if mode in ("none", "memory_budget"):
         return block
     if mode == "full":
         return checkpoint_wrapper(block, preserve_rng_state=False)
@@ -51,8 +53,14 @@ def wrap_block(block: nn.Module, mode: str, selective_option: str, block_index: 
     return checkpoint_wrapper(block, preserve_rng_state=False) if block_index % every == 0 else block
 
 
-def apply_ac(block_dicts: Sequence[nn.ModuleDict], mode: str, selective_option: str) -> None:
-    """Wrap every block of each ModuleDict in place (every-N-th counts from each dict's first block)."""
+def apply_ac(block_dicts: Sequence[nn.ModuleDict], mode: str, selective_option: str,
+             memory_budget: float = 1.0) -> None:
+    """Wrap every block of each ModuleDict in place (every-N-th counts from each dict's first block). Mode
+    memory_budget sets the compiler's activation budget instead (process-wide, read when a block compiles)."""
+    if mode == "memory_budget":
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = memory_budget
     for blocks in block_dicts:
         for index, (name, block) in enumerate(list(blocks.items())):
             blocks[name] = wrap_block(block, mode, selective_option, index)

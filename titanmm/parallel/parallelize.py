@@ -67,7 +67,8 @@ def mixed_precision_context(dims: ParallelDims, config: JobConfig, device_type: 
 def apply_ac_compile_fsdp(model: nn.Module, block_dicts: Sequence[nn.ModuleDict], dims: ParallelDims,
                           config: JobConfig, device_type: str) -> None:
     """Steps 2-4 (AC, compile, FSDP2) per block of each ModuleDict, in forward order; `model` is the root unit."""
-    apply_ac(block_dicts, config.activation_checkpoint.mode, config.activation_checkpoint.selective_ac_option)
+    ac = config.activation_checkpoint
+    apply_ac(block_dicts, ac.mode, ac.selective_ac_option, ac.memory_budget)
     if config.compile.enable:
         if config.compile.enable_async_tensor_parallel and dims.tp_enabled:
             enable_async_tensor_parallel(dims.mesh_for("tp"))
