@@ -13,13 +13,26 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def apply_fsdp(model: nn.Module, block_dicts: Sequence[nn.ModuleDict], dp_mesh: DeviceMesh, param_dtype: str,
-               reduce_dtype: str, reshard_after_forward: str = "default") -> None:
-    """fully_shard every block of each ModuleDict (in forward order), then `model` as the root unit.
+               reduce_dtype: str, reshard_after_forward: str = "default", lm: nn.Module | None = None) -> None:
+    """fully_shard every block of each ModuleDict (in forward order), the language model `lm`'s token embedding
+    and its final norm + output layer as units of their own, then `model` as the root unit.
+
+    Own units for the embedding and the output layer (each a 128k x 4096 matrix for Llama 3) let their
+    all-gathers and gradient reduce-scatters overlap with the blocks' compute: in the root unit the whole
+    gather came before the first block and the whole reduce-scatter after the last backward. The output layer
+    stays gathered after forward by default (backward starts with it). A tied embedding stays in the root.
 
     Parameters are cast to `param_dtype` for compute. Frozen ones may be stored in another dtype than the
     trainable ones of their unit (training.frozen_params_dtype): FSDP2 requires one dtype among trainable
     parameters only, and all-gathers a unit's parameters in one dtype once cast."""
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
+
+    def shard(module, reshard: bool) -> None:
+        fully_shard(module, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+
+    embedding, head = lm_edge_units(lm) if lm is not None else (None, [])
+    if embedding is not None:
+        shard(embedding, reshard_after_forward != "never")
     for blocks in block_dicts:
         items = list(blocks.values())
         for index, block in enumerate(items):
@@ -28,6 +41,17 @@ def apply_fsdp(model: nn.Module, block_dicts: Sequence[nn.ModuleDict], dp_mesh: 
                 reshard = not (blocks is block_dicts[-1] and index == len(items) - 1)
             else:
                 reshard = reshard_after_forward == "always"
-            fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
-    # What is left (embeddings, final norm, output layer, projector, ...) forms the root unit.
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward == "always")
+            shard(block, reshard)
+    if head:
+        shard(head, reshard_after_forward == "always")
+    # What is left (patch embedding, projector, a tied embedding, ...) forms the root unit.
+    shard(model, reshard_after_forward == "always")
+
+
+def lm_edge_units(lm: nn.Module) -> tuple[nn.Module | None, list[nn.Module]]:
+    """(token embedding, [final norm, output layer]) of a titanmm language model, to shard as units of their own:
+    those it has (a pipeline stage may lack them), and neither when the output layer is tied to the embedding."""
+    embedding, norm, output = (getattr(lm, name, None) for name in ("tok_embeddings", "norm", "output"))
+    if embedding is not None and output is not None and output.weight is embedding.weight:
+        return None, []
+    return embedding, [m for m in (norm, output) if m is not None]

@@ -4,9 +4,9 @@
    parallel then hooks each block's attention kernel to run ring attention (titanmm.parallel.context_parallel).
 2. Activation checkpointing wraps each block.
 3. torch.compile compiles each (wrapped) block.
-4. FSDP2 shards each block, then the root, over the data-parallel mesh (HSDP when the run has
-   replicas), with bf16 parameters and fp32 gradient reduction. A run on one GPU without parallelism
-   skips it and computes under torch.autocast instead (`uses_autocast`).
+4. FSDP2 shards the token embedding, each block, the final norm + output layer, then the root, over the
+   data-parallel mesh (HSDP when the run has replicas), with bf16 parameters and fp32 gradient reduction.
+   A run on one GPU without parallelism skips it and computes under torch.autocast instead (`uses_autocast`).
 The model (or one pipeline stage of it, see titanmm.parallel.pipeline) is still on the meta device
 here; the caller materialises and initialises it afterwards.
 """
@@ -85,7 +85,8 @@ def apply_ac_compile_fsdp(model: nn.Module, block_dicts: Sequence[nn.ModuleDict]
         reshard = config.parallelism.fsdp_reshard_after_forward
         if reshard == "default" and dims.pp > 1:  # a pipeline stage runs forward again for every microbatch
             reshard = "never"
-        apply_fsdp(model, block_dicts, fsdp_mesh(dims), param_dtype, reduce_dtype, reshard)
+        lm = getattr(model, "lm", model)  # a VisionLanguageModel's language model, or the model itself
+        apply_fsdp(model, block_dicts, fsdp_mesh(dims), param_dtype, reduce_dtype, reshard, lm=lm)
 
 
 def parallelize_llama(model: nn.Module, dims: ParallelDims, config: JobConfig, device_type: str) -> None:

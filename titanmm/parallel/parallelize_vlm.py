@@ -3,8 +3,8 @@
 1. Tensor parallel: ViT blocks, projector and language model (`tensor_parallel_vision.apply_tp_vlm`).
 2. Activation checkpointing wraps each ViT block and each LM block.
 3. torch.compile compiles each (wrapped) block of both towers.
-4. FSDP2 shards each ViT block, each LM block, then the root (patch embedding, projector, token
-   embedding, final norm, output layer) over the data-parallel mesh (HSDP with replicas).
+4. FSDP2 shards the token embedding, each ViT block, each LM block, the final norm + output layer, then the
+   root (patch embedding, projector, ...) over the data-parallel mesh (HSDP with replicas).
 The model is still on the meta device here; the caller materialises and initialises it afterwards.
 
 Every rank must run the vision tower in every step under FSDP (its all-gathers are collective):
