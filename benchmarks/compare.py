@@ -14,6 +14,15 @@ Workloads (identical model, sequence length, batch and precision on both sides; 
 * `llava_mistral_clip336_pretrain` (1 GPU): LLaVA stage 1, CLIP-L/336 + Mistral 7B with only the projector training,
   mock image-text samples, seq 1024 (576 image tokens), batch 8. Peer: transformers' LlavaForConditionalGeneration
   (`bench_hf.py llava 8`).
+* `llava_mistral_clip336_sft` (4 GPUs): LLaVA stage 2, the projector and Mistral 7B training, CLIP-L/336 frozen, on
+  a synthetic LLaVA-665K-like SFT set (`benchmarks/llava_sft_data.py`, built by the setup step into
+  <tmp>/titanmm_llava_sft_data/, reused while its parameters match: JPEGs, LLaVA JSON, energon shards and the same
+  samples tokenized by titanmm for the peer). titanmm: train_configs/llava_mistral_clip_sft.toml, FSDP over all GPUs,
+  samples packed into rows of seq 4096 (`multimodal.packing`), 1 row per GPU and step, compile, no activation
+  checkpointing, the shipped tokenizer with the "plain" template. Peer: `benchmarks/hf_llava_sft.py`, transformers'
+  LlavaForConditionalGeneration (SDPA) under FSDP2 (bf16 compute, fp32 parameters and reduction), 2 samples per GPU
+  and step padded to the longest, no packing, no activation checkpointing, the same samples (file order). The
+  ratio is of samples/s/GPU.
 * `decode_llama3_8b` (1 GPU): greedy decoding with a random-weight Llama 3 8B in bf16, 128-token prompts, 128 new
   tokens, batch 1 and 32: `titanmm.generate` vs transformers' generate with its default cache
   (`bench_hf.py decode default B`).
@@ -35,9 +44,20 @@ count 2 x non-embedding parameters per new token. For batch 1 the result also gi
 memory-bandwidth bound: every decode step reads each weight (but the input embedding) once, so the bound is
 HBM bandwidth / weight bytes tokens/s, with the bandwidth measured by a device-to-device copy in the same run.
 
+LLaVA SFT (`llava_mistral_clip336_sft`): samples/s/GPU is the headline (a packed row holds ~5 samples, a padded
+batch row one). titanmm's metrics.jsonl windows carry `samples` (the window's samples over all data-parallel ranks,
+`VLMData.pop_metrics`); a window lasts from the previous record's `time` to its own, and samples/s/GPU = the
+measured windows' samples / their seconds / GPUs; tokens/s/GPU counts non-pad tokens (tps_per_gpu x
+packing_efficiency; the padded rate is `padded_tps_per_gpu`). The peer times its steps after the warm-up as one
+window and reports samples/s/GPU, non-pad and padded tokens/s/GPU and the peak allocated / reserved memory (largest
+over its ranks). TFLOP/s and MFU on both sides: non-pad tokens/s x titanmm's LM FLOPs per token at the side's mean
+sample length (6N + attention over one sample, as titanmm counts it; vision tower not counted). Memory: peak
+reserved on both sides (`peak_allocated_gib` beside it).
+
 Writes `<results-dir>/<date>_<device>_<workload>.json` (`workload`, `device`, `gpus`, `commit`, `command`, a
 `titanmm` and a `peer` object with `tps_per_gpu`, `tflops_per_gpu`, `mfu`, `peak_mem_gib`, and `ratio` =
-titanmm / peer tokens/s), appends both sides' full output to `--log` and prints a table.
+titanmm / peer tokens/s, for LLaVA SFT samples/s/GPU, named in `ratio_of`), appends both sides' full output to
+`--log` and prints a table.
 `benchmarks/readme_table.py` turns the results files into the README's table.
 
 For experiments: `--only titanmm|peer` runs one side (the results file gets an `_<side>_only` suffix),
@@ -75,14 +95,16 @@ ALLOC_CONF = {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}  # both sides (t
 @dataclass(frozen=True)
 class Workload:
     name: str
-    kind: str  # "lm" (training, torchtitan peer), "vlm" (training, transformers peer) or "decode"
+    kind: str  # "lm" (training, torchtitan peer), "vlm" / "vlm_sft" (training, transformers peer) or "decode"
     gpus: int
     peer: str
     layers: int = 32
     fp8: bool = False
     seq_len: int = 8192
-    batch: int = 1
+    batch: int = 1  # vlm_sft: titanmm's packed rows per GPU and step
     decode_batches: tuple[int, ...] = ()
+    peer_batch: int = 0  # vlm_sft: the peer's samples per GPU and step (padded to the longest)
+    samples: int = 0  # vlm_sft: samples of the synthetic dataset
 
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in [
@@ -91,11 +113,15 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload("llama3_8b_bf16", "lm", 4, TORCHTITAN),
     Workload("llama3_8b_fp8", "lm", 4, TORCHTITAN, fp8=True),
     Workload("llava_mistral_clip336_pretrain", "vlm", 1, TRANSFORMERS, seq_len=1024, batch=8),
+    Workload("llava_mistral_clip336_sft", "vlm_sft", 4, TRANSFORMERS, seq_len=4096, batch=1, peer_batch=2,
+             samples=2000),
     Workload("decode_llama3_8b", "decode", 1, TRANSFORMERS, seq_len=128, decode_batches=(1, 32)),
 ]}
 VLM_FLAVOR = "llava_mistral_7b_clip336"
 LLAMA3_VOCAB = 128256  # torchtitan takes its vocabulary size from the tokenizer: benchmarks/torchtitan_assets.py
 DECODE_FLAVOR, DECODE_NEW_TOKENS, DECODE_WARMUP, DECODE_ITERS = "llama3_8b", 128, 2, 3
+SFT_DATA_ROOT = Path(tempfile.gettempdir()) / "titanmm_llava_sft_data"  # kept between runs (llava_sft_data.py)
+HF_SFT_RESULT = "HF LLaVA SFT result:"  # benchmarks/hf_llava_sft.py's RESULT_PREFIX
 
 
 @dataclass
@@ -108,6 +134,7 @@ class Run:
     env: dict[str, str] = field(default_factory=dict)
     output: Path | None = None  # a file the run writes its results to (titanmm's metrics.jsonl, decode JSON)
     batch: int | None = None  # decode: the batch of this peer run
+    needed_by: tuple[str, ...] = ("peer",)  # setup: the sides that need it (skipped with them, failing them)
 
     def shell(self) -> str:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
@@ -120,6 +147,11 @@ class Run:
 
 def _torchrun(gpus: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", *extra]
+
+
+def sft_data_dir(w: Workload) -> Path:
+    """Where the setup step builds (or finds) the synthetic SFT dataset of a vlm_sft workload."""
+    return SFT_DATA_ROOT / f"n{w.samples}_seq{w.seq_len}_seed0"
 
 
 def titanmm_train_argv(w: Workload, gpus: int, steps: int, dump: Path, log_freq: int = 1) -> list[str]:
@@ -138,6 +170,13 @@ def titanmm_train_argv(w: Workload, gpus: int, steps: int, dump: Path, log_freq:
         args = ["--config", "train_configs/llava_mistral_clip_pretrain.toml", f"--model.flavor={VLM_FLAVOR}",
                 "--model.tokenizer_path=", "--training.dataset=mock", f"--training.seq_len={w.seq_len}",
                 f"--training.local_batch_size={w.batch}", "--training.global_batch_size=-1",
+                "--parallelism.tensor_parallel_degree=1", "--checkpoint.initial_load_path=",
+                "--compile.enable=true", "--activation_checkpoint.mode=none"]
+    elif w.kind == "vlm_sft":  # the LLaVA stage-2 recipe on the synthetic set, packed, FSDP over all GPUs
+        args = ["--config", "train_configs/llava_mistral_clip_sft.toml", f"--model.flavor={VLM_FLAVOR}",
+                "--model.tokenizer_path=", f"--training.dataset={sft_data_dir(w) / 'energon'}",
+                f"--training.seq_len={w.seq_len}", f"--training.local_batch_size={w.batch}",
+                "--training.global_batch_size=-1", "--multimodal.chat_template=plain", "--multimodal.packing=true",
                 "--parallelism.tensor_parallel_degree=1", "--checkpoint.initial_load_path=",
                 "--compile.enable=true", "--activation_checkpoint.mode=none"]
     else:
@@ -160,10 +199,11 @@ def torchtitan_argv(w: Workload, gpus: int, steps: int, dump: Path, assets: Path
 
 
 def plan(w: Workload, gpus: int, steps: int, work: Path, titanmm_args: list[str] = (),
-         peer_args: list[str] = (), log_freq: int = 1) -> list[Run]:
+         peer_args: list[str] = (), log_freq: int = 1, warmup: int = 5) -> list[Run]:
     """The processes of one comparison, in order. `titanmm_args` / `peer_args` are appended to the commands of
-    titanmm / the peer (training peers only); both training sides log every `log_freq` steps."""
-    runs = _plan(w, gpus, steps, work, log_freq)
+    titanmm / the peer (training peers only); both training sides log every `log_freq` steps (the LLaVA SFT peer
+    times its steps after `warmup` as one window)."""
+    runs = _plan(w, gpus, steps, work, log_freq, warmup)
     for run in runs:
         if run.side == "titanmm":
             run.argv += list(titanmm_args)
@@ -172,7 +212,7 @@ def plan(w: Workload, gpus: int, steps: int, work: Path, titanmm_args: list[str]
     return runs
 
 
-def _plan(w: Workload, gpus: int, steps: int, work: Path, log_freq: int = 1) -> list[Run]:
+def _plan(w: Workload, gpus: int, steps: int, work: Path, log_freq: int = 1, warmup: int = 5) -> list[Run]:
     if w.kind == "lm":
         assets = work / "torchtitan_assets"
         return [
@@ -189,6 +229,18 @@ def _plan(w: Workload, gpus: int, steps: int, work: Path, log_freq: int = 1) -> 
                 output=work / "titanmm" / "metrics.jsonl"),
             Run("peer", TRANSFORMERS, [sys.executable, str(PEERS / "transformers" / "bench_hf.py"), "llava",
                                        str(w.batch)], dict(ALLOC_CONF)),
+        ]
+    if w.kind == "vlm_sft":
+        data = sft_data_dir(w)
+        return [
+            Run("setup", "LLaVA SFT data", [sys.executable, "benchmarks/llava_sft_data.py", str(data),
+                                            f"--samples={w.samples}", f"--seq-len={w.seq_len}"],
+                needed_by=("titanmm", "peer")),
+            Run("titanmm", "titanmm", titanmm_train_argv(w, gpus, steps, work / "titanmm", log_freq), dict(ALLOC_CONF),
+                output=work / "titanmm" / "metrics.jsonl"),
+            Run("peer", TRANSFORMERS, _torchrun(gpus) + [
+                "benchmarks/hf_llava_sft.py", "--data", str(data), f"--batch={w.peer_batch}", f"--steps={steps}",
+                f"--warmup={warmup}"], dict(ALLOC_CONF)),
         ]
     runs = [Run("titanmm", "titanmm", [
         sys.executable, "benchmarks/decode_throughput.py", "--flavor", DECODE_FLAVOR,
@@ -290,6 +342,17 @@ def parse_hf_decode(text: str) -> dict | None:
             "seconds_per_call": _number(seconds), "new_tokens": int(new) if new else None}
 
 
+def parse_hf_llava_sft(text: str) -> dict | None:
+    """`benchmarks/hf_llava_sft.py`'s result: the JSON of its last "HF LLaVA SFT result:" line, or None."""
+    for line in reversed(_ANSI.sub("", text).splitlines()):
+        if HF_SFT_RESULT in line:
+            try:
+                return json.loads(line.split(HF_SFT_RESULT, 1)[1])
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
 def summarize_steps(records: list[dict], warmup: int, memory_key: str = "peak_mem_gib", log_freq: int = 1) -> dict:
     """Median tokens/s/GPU, TFLOP/s/GPU and MFU of the logged windows of `log_freq` steps that all come after
     `warmup`, and the largest `memory_key` (reported as peak_mem_gib) of those."""
@@ -305,6 +368,40 @@ def summarize_steps(records: list[dict], warmup: int, memory_key: str = "peak_me
     return {"tps_per_gpu": median("tps_per_gpu"), "tflops_per_gpu": median("tflops_per_gpu"), "mfu": median("mfu"),
             "peak_mem_gib": max(memory) if memory else None, "measured_steps": len(measured),
             "steps": [measured[0]["step"], measured[-1]["step"]]}
+
+
+def summarize_sft_windows(records: list[dict], warmup: int, gpus: int, log_freq: int = 1) -> dict:
+    """titanmm's LLaVA SFT throughput from its metrics.jsonl records (rank 0; each with the window's `samples` over
+    all data-parallel ranks, `tps_per_gpu` = padded tokens/s/GPU, `packing_efficiency` and wall-clock `time`).
+
+    A window runs from the previous record's `time` to its own; those that start at or after the `warmup`-th step
+    count (as in `summarize_steps`). Returns samples_per_s_per_gpu (their samples / their seconds / `gpus`),
+    tps_per_gpu (non-pad tokens/s/GPU: tps_per_gpu x packing_efficiency, time-weighted), padded_tps_per_gpu,
+    packing_efficiency, ms_per_step, samples_per_step (over all GPUs), the largest peak_mem_gib (reserved) and
+    peak_allocated_gib of those windows, measured_steps and the first and last measured step."""
+    windows = [(prev, cur) for prev, cur in zip(records, records[1:]) if cur["step"] - log_freq >= warmup]
+    if not windows:
+        raise ValueError(f"{len(records)} logged steps, no window after the {warmup} warm-up steps")
+    if any(cur.get("samples") is None for _, cur in windows):
+        raise ValueError("titanmm's metrics.jsonl records carry no 'samples' (VLMData.pop_metrics)")
+    seconds = [cur["time"] - prev["time"] for prev, cur in windows]
+    if min(seconds) <= 0:
+        raise ValueError(f"window lengths {seconds}: the records' times do not increase")
+    total = sum(seconds)
+    steps = sum(cur["step"] - prev["step"] for prev, cur in windows)
+    samples = sum(cur["samples"] for _, cur in windows)
+    padded = sum(cur["tps_per_gpu"] * s for (_, cur), s in zip(windows, seconds))
+    real = sum(cur["tps_per_gpu"] * cur["packing_efficiency"] * s for (_, cur), s in zip(windows, seconds))
+
+    def largest(key):
+        values = [cur[key] for _, cur in windows if cur.get(key) is not None]
+        return max(values) if values else None
+
+    return {"samples_per_s_per_gpu": samples / total / gpus, "tps_per_gpu": real / total,
+            "padded_tps_per_gpu": padded / total, "packing_efficiency": real / padded if padded else None,
+            "ms_per_step": 1000 * total / steps, "samples_per_step": samples / steps,
+            "peak_mem_gib": largest("peak_mem_gib"), "peak_allocated_gib": largest("peak_allocated_gib"),
+            "measured_steps": steps, "steps": [windows[0][1]["step"], windows[-1][1]["step"]]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -345,6 +442,29 @@ def summarize_hf_llava(w: Workload, text: str, device: str) -> dict:
     return _with_flops({"tps_per_gpu": hf["tps_per_gpu"], "samples_per_s": hf["samples_per_s"],
                         "ms_per_step": hf["ms_per_step"], "peak_mem_gib": hf["peak_mem_gib"]},
                        vlm_flops_per_token(w.seq_len), _peak(device))
+
+
+def summarize_hf_llava_sft(text: str) -> dict:
+    """The LLaVA SFT peer's side: samples/s/GPU, non-pad (tps_per_gpu) and padded tokens/s/GPU, ms/step, peak
+    reserved (peak_mem_gib) and allocated memory, from its result line."""
+    hf = parse_hf_llava_sft(text)
+    if hf is None:
+        raise ValueError(f"no '{HF_SFT_RESULT} ...' line in the transformers output")
+    return {"samples_per_s_per_gpu": hf["samples_per_s_per_gpu"], "tps_per_gpu": hf["tokens_per_s_per_gpu"],
+            "padded_tps_per_gpu": hf["padded_tokens_per_s_per_gpu"], "padding_efficiency": hf["padding_efficiency"],
+            "ms_per_step": hf["ms_per_step"], "samples_per_step": hf["samples"] / hf["timed_steps"],
+            "peak_mem_gib": hf["peak_reserved_gib"], "peak_allocated_gib": hf["peak_allocated_gib"],
+            "measured_steps": hf["timed_steps"], "batch": hf["batch"], "grad_ckpt": hf["grad_ckpt"],
+            "params": hf["params"], "loss": hf["loss"]}
+
+
+def with_sft_flops(side: dict, peak: float | None) -> dict:
+    """TFLOP/s and MFU of a LLaVA SFT side: non-pad tokens/s x titanmm's LM FLOPs per token at the side's mean
+    sample length (tokens / samples)."""
+    if side.get("tps_per_gpu") and side.get("samples_per_s_per_gpu"):
+        side["mean_sample_tokens"] = side["tps_per_gpu"] / side["samples_per_s_per_gpu"]
+        _with_flops(side, vlm_flops_per_token(max(1, round(side["mean_sample_tokens"]))), peak)
+    return side
 
 
 def decode_weight_stats() -> tuple[int, int]:
@@ -400,11 +520,27 @@ def summarize_decode(w: Workload, outputs: dict[str, str], device: str) -> tuple
     return titanmm, peer, extra
 
 
-def summarize(w: Workload, outputs: dict[str, str], warmup: int, device: str,
-              errors: dict[str, str], log_freq: int = 1) -> tuple[dict[str, dict | None], dict]:
+def summarize(w: Workload, outputs: dict[str, str], warmup: int, device: str, errors: dict[str, str],
+              log_freq: int = 1, gpus: int | None = None) -> tuple[dict[str, dict | None], dict]:
     """Both sides' results from their outputs ({"titanmm": ..., "peer": ...}; decode: "peer:<batch>"), and extra
     top-level fields. A side whose output cannot be read gets None and an entry in `errors`."""
     sides: dict[str, dict | None] = {"titanmm": None, "peer": None}
+    if w.kind == "vlm_sft":
+        readers = {"titanmm": lambda text: summarize_sft_windows(parse_titanmm_jsonl(text), warmup, gpus or w.gpus,
+                                                                 log_freq),
+                   "peer": summarize_hf_llava_sft}
+        for side, read in readers.items():
+            if side in outputs:
+                try:
+                    sides[side] = with_sft_flops(read(outputs[side]), _peak(device))
+                except (ValueError, KeyError, TypeError) as e:
+                    errors.setdefault(side, f"could not read the results: {e}")
+        extra = {"ratio_of": "samples/s/GPU"}
+        if sides["titanmm"] and sides["peer"]:
+            t, p = sides["titanmm"], sides["peer"]
+            extra["tokens_ratio"] = ratio(t["tps_per_gpu"], p["tps_per_gpu"])
+            extra["memory_ratio"] = ratio(t["peak_mem_gib"], p["peak_mem_gib"])
+        return sides, extra
     if w.kind == "decode":
         try:
             sides["titanmm"], sides["peer"], extra = summarize_decode(w, outputs, device)
@@ -443,6 +579,17 @@ def settings(w: Workload, steps: int, warmup: int, log_freq: int = 1) -> dict:
         return {"model": DECODE_FLAVOR, "precision": "bf16", "greedy": True, "prompt_len": w.seq_len,
                 "new_tokens": DECODE_NEW_TOKENS, "batches": list(w.decode_batches), "warmup_calls": DECODE_WARMUP,
                 "timed_calls": DECODE_ITERS}
+    if w.kind == "vlm_sft":
+        both = {"precision": "bf16 compute, fp32 parameters and gradient reduction (FSDP2)",
+                "activation_checkpointing": "none"}
+        return {"model": f"{VLM_FLAVOR} (vision tower frozen; projector and language model trained)",
+                "seq_len": w.seq_len,
+                "titanmm": {"rows_per_gpu": w.batch, "packing": True, "compile": True, **both},
+                "peer": {"samples_per_gpu": w.peer_batch, "padding": "to the longest sample of the batch",
+                         "compile": False, **both},
+                "dataset": {"samples": w.samples, "path": str(sft_data_dir(w)),
+                            "generator": "benchmarks/llava_sft_data.py"},
+                "steps": steps, "warmup_steps": warmup, "log_freq": log_freq}
     model = {"lm": f"llama3_8b ({w.layers} layers)", "vlm": VLM_FLAVOR}[w.kind]
     return {"model": model, "seq_len": w.seq_len, "batch_per_gpu": w.batch,
             "precision": "fp8 tensorwise" if w.fp8 else "bf16", "steps": steps, "warmup_steps": warmup,
@@ -526,6 +673,8 @@ def table(result: dict) -> str:
             extra = ""
             if "samples_per_s" in e:
                 extra = f"{_fmt(e['samples_per_s'], '.2f')} samples/s"
+            if "samples_per_s_per_gpu" in e:
+                extra = f"{_fmt(e['samples_per_s_per_gpu'], '.2f')} samples/s/GPU"
             if e.get("bandwidth_bound_fraction") is not None:
                 extra = f"{100 * e['bandwidth_bound_fraction']:.1f}% of the HBM bound"
             r = result.get("ratio") if side == "titanmm" else None
@@ -572,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
 
     w = WORKLOADS[args.workload]
     gpus = args.gpus or w.gpus
-    if w.kind != "lm" and gpus != 1:
+    if w.kind in ("vlm", "decode") and gpus != 1:
         parser.error(f"{w.name} runs on one GPU")
     if args.peer_arg and w.kind == "decode":
         parser.error("--peer-arg applies to the training workloads")
@@ -586,12 +735,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         work = Path(tempfile.gettempdir()) / f"titanmm_compare_{w.name}"
         print(f"# {w.name}: {gpus} GPU(s); peer {w.peer}")
-        for run in plan(w, gpus, args.steps, work, args.titanmm_arg, args.peer_arg, args.log_freq):
+        for run in plan(w, gpus, args.steps, work, args.titanmm_arg, args.peer_arg, args.log_freq, args.warmup):
             print(f"# {run.side}: {run.label}\n{run.shell()}")
         return 0
 
-    needs = {"lm": PEERS / "torchtitan" / "launch.py"}.get(w.kind, PEERS / "transformers" / "bench_hf.py")
-    if args.only != "titanmm" and not (REPO / needs).exists():
+    needs = {"lm": PEERS / "torchtitan" / "launch.py", "vlm": PEERS / "transformers" / "bench_hf.py",
+             "decode": PEERS / "transformers" / "bench_hf.py"}.get(w.kind)  # vlm_sft: its peer is in benchmarks/
+    if args.only != "titanmm" and needs is not None and not (REPO / needs).exists():
         print(f"{needs} is missing: run `bash benchmarks/setup_peers.sh` (and carry .peers)", file=sys.stderr)
         return 2
 
@@ -610,17 +760,19 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix=f"titanmm_compare_{w.name}_"))
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n##### {command}  ({device}, {date})\n")
-        for run in plan(w, gpus, args.steps, work, args.titanmm_arg, args.peer_arg, args.log_freq):
-            side = "peer" if run.side == "setup" else run.side
-            if args.only and side != args.only:
+        for run in plan(w, gpus, args.steps, work, args.titanmm_arg, args.peer_arg, args.log_freq, args.warmup):
+            run_sides = run.needed_by if run.side == "setup" else (run.side,)
+            if args.only and args.only not in run_sides:
                 continue
-            if side in errors:
+            if all(s in errors for s in run_sides):
                 continue
+            side = run_sides[0]
             status, text, seconds = execute(run, log, deadline)
             print(f"{run.label}: exit {status} after {seconds:.0f} s", flush=True)
             if run.side == "setup":
                 if status:
-                    errors["peer"] = f"setup failed: {_tail(text, 3)}"
+                    for s in run_sides:
+                        errors.setdefault(s, f"setup failed: {_tail(text, 3)}")
                 continue
             commands[side].append(run.shell())
             if status:
@@ -631,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
             outputs[key] = run.output.read_text() if run.output is not None and run.output.exists() else text
     shutil.rmtree(work, ignore_errors=True)
 
-    sides, extra = summarize(w, outputs, args.warmup, device, errors, args.log_freq)
+    sides, extra = summarize(w, outputs, args.warmup, device, errors, args.log_freq, gpus)
     for side in ("titanmm", "peer"):
         if sides[side] is None:
             sides[side] = {"tps_per_gpu": None, "tflops_per_gpu": None, "mfu": None, "peak_mem_gib": None}
@@ -640,16 +792,31 @@ def main(argv: list[str] | None = None) -> int:
         sides[side]["command"] = " && ".join(commands[side])
     memory = {"lm": "peak reserved (caching allocator), largest of the measured steps",
               "vlm": "peak allocated (transformers' script reports allocated only)",
+              "vlm_sft": "peak reserved (caching allocator), largest of the measured steps: titanmm rank 0's, the "
+                         "peer's largest over its ranks (their padded batches differ); peak_allocated_gib beside it",
               "decode": "peak allocated"}[w.kind]
+    ratio_key = "samples_per_s_per_gpu" if w.kind == "vlm_sft" else "tps_per_gpu"
     result = {
         "workload": w.name, "device": device, "gpus": gpus, "date": date, "commit": commit(), "command": command,
         "peer_name": w.peer, "variant": args.tag or None,
         "settings": settings(w, args.steps, args.warmup, args.log_freq),
         "memory": memory,
         "titanmm": sides["titanmm"], "peer": sides["peer"],
-        "ratio": ratio(sides["titanmm"]["tps_per_gpu"], sides["peer"]["tps_per_gpu"]),
+        "ratio": ratio(sides["titanmm"].get(ratio_key), sides["peer"].get(ratio_key)),
         **extra,
     }
+    if w.kind == "vlm_sft":
+        stats = sft_data_dir(w) / "stats.json"
+        if stats.is_file():
+            result["dataset"] = json.loads(stats.read_text()).get("lengths")
+        result["notes"] = (
+            "ratio = titanmm / peer samples/s/GPU. titanmm packs samples into seq_len rows (document-masked "
+            "attention); the peer pads each batch to its longest sample. Same samples (titanmm's tokenization), "
+            "titanmm in energon's shuffled order, the peer in file order. The peer feeds each sample's unshifted ids "
+            "(one token more than titanmm's input; transformers shifts the labels), so both train the same targets; "
+            "loss: titanmm averages over the global batch's targets, transformers over each rank's. projector: "
+            "titanmm's flavor has Megatron's 1024->14336->4096 MLP, transformers' LlavaMultiModalProjector "
+            "1024->4096->4096. TFLOP/s/MFU: language model only, at each side's mean sample length")
     if w.kind == "vlm":
         result["notes"] = ("projector: titanmm's flavor has Megatron's 1024->14336->4096 MLP, transformers' "
                            "LlavaMultiModalProjector 1024->4096->4096; TFLOP/s/MFU count the language model only "

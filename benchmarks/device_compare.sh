@@ -4,6 +4,7 @@
 #   bash benchmarks/device_compare.sh [WORKLOAD ...]
 # Default: the one-GPU workloads (llama3_8b_proxy_bf16, llama3_8b_proxy_fp8, llava_mistral_clip336_pretrain,
 # decode_llama3_8b), about 8 minutes on one H100. On 4 GPUs: bash benchmarks/device_compare.sh llama3_8b_bf16 llama3_8b_fp8
+# or bash benchmarks/device_compare.sh llava_mistral_clip336_sft (it first builds its synthetic SFT set under /tmp).
 # Before the call, on the development machine: bash benchmarks/setup_peers.sh, and carry .peers and .device-wheels.
 # Environment: BUDGET (seconds for the whole call, default 530: a workload that would start with less than
 # MIN_LEFT=90 seconds left is skipped, and a run still going at the end is stopped), STEPS (15), WARMUP (5),

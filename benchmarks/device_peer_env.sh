@@ -7,3 +7,6 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # torchtitan and what it needs beyond the GPU image (all pure-Python wheels; --no-deps: the image has the rest).
 python3 -m pip install -q --no-index --no-deps --find-links .device-wheels torchao torchtitan torchdata datasets \
     dill multiprocess tomli tyro typeguard docstring-parser 2>&1 | grep -v WARNING | tail -3
+# megatron-energon, titanmm's image-text loader (the LLaVA SFT workload), with what it needs beyond the image.
+python3 -c "import megatron.energon" 2>/dev/null || python3 -m pip install -q --no-index --find-links .device-wheels \
+    megatron-energon 2>&1 | grep -v WARNING | tail -3

@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 ORDER = ("llama3_8b_proxy_bf16", "llama3_8b_proxy_fp8", "llama3_8b_bf16", "llama3_8b_fp8",
-         "llava_mistral_clip336_pretrain", "decode_llama3_8b")
+         "llava_mistral_clip336_pretrain", "llava_mistral_clip336_sft", "decode_llama3_8b")
 COLUMNS = ("workload", "GPUs", "titanmm tokens/s/GPU", "peer", "peer tokens/s/GPU", "titanmm / peer",
            "MFU titanmm / peer", "peak memory titanmm / peer", "notes", "measured")
 
@@ -70,6 +70,11 @@ def notes(result: dict) -> str:
     parts = []
     if "samples_per_s" in t or "samples_per_s" in p:
         parts.append(f"samples/s {_num(t.get('samples_per_s'), '.2f')} vs {_num(p.get('samples_per_s'), '.2f')}")
+    if "samples_per_s_per_gpu" in t or "samples_per_s_per_gpu" in p:
+        parts.append(f"samples/s/GPU {_num(t.get('samples_per_s_per_gpu'), '.2f')} vs "
+                     f"{_num(p.get('samples_per_s_per_gpu'), '.2f')}")
+    if result.get("ratio_of") and result["ratio_of"] != "tokens/s/GPU":
+        parts.append(f"titanmm / peer is the ratio of {result['ratio_of']}; tokens/s/GPU: non-pad tokens")
     if "by_batch" in t:
         parts.append("new tokens/s at batch 1")
         if t.get("bandwidth_bound_fraction") is not None:

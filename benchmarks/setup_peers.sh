@@ -2,7 +2,8 @@
 # On this (development) machine, before the device call of benchmarks/device_compare.sh: fill the git-ignored
 #   .peers/          the peers' benchmark scripts, copied from ../shared/peers (torchtitan/, transformers/), and
 #                    COMMIT, the titanmm commit being measured (the GPU machine's copy of the tree has no .git);
-#   .device-wheels/  torchtitan 0.2.2 and torchao 0.18.0 with the dependencies the GPU image lacks.
+#   .device-wheels/  torchtitan 0.2.2, torchao 0.18.0 and megatron-energon 7.4.1 (titanmm's image-text loader, for the
+#                    LLaVA SFT workload) with the dependencies the GPU image lacks.
 # Carry both (`carry: [".peers", ".device-wheels"]`; together well under the 64 MiB limit).
 #   bash benchmarks/setup_peers.sh            (SHARED=DIR to take the peers and wheels.sh from elsewhere)
 set -euo pipefail
@@ -16,10 +17,11 @@ cp -r "$shared"/peers/* .peers/
 git diff --quiet HEAD 2>/dev/null || printf -- "-dirty" >> .peers/COMMIT
 echo >> .peers/COMMIT
 if ls .device-wheels/torchtitan-0.2.2-*.whl >/dev/null 2>&1 && ls .device-wheels/torchao-0.18.0-*.whl >/dev/null 2>&1 \
-    && ls .device-wheels/tyro-*.whl >/dev/null 2>&1; then
-  echo "wheels: torchtitan 0.2.2 and torchao 0.18.0 already in .device-wheels"
+    && ls .device-wheels/tyro-*.whl >/dev/null 2>&1 && ls .device-wheels/megatron_energon-7.4.1-*.whl >/dev/null 2>&1 \
+    && ls .device-wheels/webdataset-*.whl >/dev/null 2>&1; then
+  echo "wheels: torchtitan 0.2.2, torchao 0.18.0 and megatron-energon 7.4.1 already in .device-wheels"
 else
-  bash "$shared/device/wheels.sh" .device-wheels torchtitan==0.2.2 torchao==0.18.0
+  bash "$shared/device/wheels.sh" .device-wheels torchtitan==0.2.2 torchao==0.18.0 megatron-energon==7.4.1
 fi
 du -sh .peers .device-wheels
 du -sch .peers .device-wheels | tail -1

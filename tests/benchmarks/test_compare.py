@@ -170,6 +170,8 @@ def test_dry_run_prints_both_sides(workload, capsys):
     elif w.kind == "vlm":
         assert "--training.local_batch_size=8" in out and "--training.dataset=mock" in out
         assert "bench_hf.py llava 8" in out
+    elif w.kind == "vlm_sft":  # details in test_compare_sft.py
+        assert "# setup" in out and "hf_llava_sft.py" in out
     else:
         assert "decode_throughput.py --flavor llama3_8b --batch 1 32" in out
         assert "bench_hf.py decode default 1" in out and "bench_hf.py decode default 32" in out

@@ -4,7 +4,7 @@
     for step in range(start, steps):
         micro_batches = data.microbatches(step)   # grad_accum_steps dicts of tensors (below)
     data.state_dict() / data.load_state_dict()    # "dataloader" of the DCP checkpoint
-    data.pop_metrics()                            # skipped samples, packing efficiency (all dp ranks)
+    data.pop_metrics()                            # samples, packing efficiency, skips (all dp ranks)
 
 `training.dataset = "mock"` gives `MockVLMBatcher` (random samples, a function of the step). Anything else
 is an energon dataset (a prepared folder or a metadataset .yaml) read by `VLMData`:
@@ -134,6 +134,7 @@ class VLMData:
         self._loader = None
         self._iterator = None
         self._window_tokens = [0, 0]  # non-pad and all tokens since the last pop_metrics
+        self._window_samples = 0  # samples (packed ones counted one by one) since the last pop_metrics
 
     # -- the loader -----------------------------------------------------------------------------
 
@@ -179,6 +180,7 @@ class VLMData:
             self.last_sample_keys.append(list(batch["__keys__"]))
             self._window_tokens[0] += int(batch["num_tokens"].sum())
             self._window_tokens[1] += batch["input_ids"].numel()
+            self._window_samples += len(batch["__keys__"])  # one key per sample, also in packed rows
             mb = {key: batch[key] for key in TENSOR_KEYS}
             if self.sqrt_length:
                 mb["loss_weights"] = sqrt_length_weights(mb["labels"], mb["document_ids"])
@@ -230,16 +232,20 @@ class VLMData:
 
     def pop_metrics(self) -> dict:
         """Metrics since the previous call, over all data-parallel ranks (a collective over the data-parallel
-        group): packing_efficiency (non-pad fraction of the tokens), skipped_samples (since the start of the
-        run) and skipped_samples/<reason> for each reason seen."""
+        group): samples (the training samples in the micro-batches handed out since the previous call, summed
+        over the data-parallel ranks; each sample of a packed row counts, so samples / window seconds is the
+        job's samples/s), packing_efficiency (non-pad fraction of the tokens), skipped_samples (since the start
+        of the run) and skipped_samples/<reason> for each reason seen."""
         from titanmm.data.energon import SKIP_REASONS
         from titanmm.distributed import all_reduce
 
-        local = torch.tensor(self._window_tokens + [self.skipped[r] for r in SKIP_REASONS], dtype=torch.float64)
+        local = torch.tensor(self._window_tokens + [self._window_samples] + [self.skipped[r] for r in SKIP_REASONS],
+                             dtype=torch.float64)
         total = all_reduce(local, group=self.dp_group) if self.dp_degree > 1 else local
-        self._window_tokens = [0, 0]
-        real, padded, *skips = total.tolist()
-        metrics = {"packing_efficiency": real / padded if padded else float("nan"), "skipped_samples": int(sum(skips))}
+        self._window_tokens, self._window_samples = [0, 0], 0
+        real, padded, samples, *skips = total.tolist()
+        metrics = {"samples": int(samples), "packing_efficiency": real / padded if padded else float("nan"),
+                   "skipped_samples": int(sum(skips))}
         metrics.update({f"skipped_samples/{r}": int(n) for r, n in zip(SKIP_REASONS, skips) if n})
         return metrics
 
