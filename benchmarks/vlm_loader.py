@@ -1,4 +1,4 @@
-"""Throughput of titanmm's image-text data loader on this CPU, through the trainer's own pipeline (~3.5 minutes).
+"""Throughput of titanmm's image-text data loader on this CPU, through the trainer's own pipeline (~4.5 minutes).
 
     python benchmarks/vlm_loader.py [--images 128] [--seconds 20] [--workers 1 2] [--cases ...]
 
@@ -21,9 +21,12 @@ Cases (all read for each `--workers` count):
   packing_buffer_size, batch 1 (one packed row per micro-batch).
 * `internvit448_12tiles_sft`: InternViT-448 dynamic tiling with up to 12 tiles + thumbnail (256 tokens per tile,
   NVLM tags), task sft, seq_len 4096, batch 1, no packing (a 13-tile image is ~3.4K tokens: one per row).
+* `internvit448_12tiles_sft_packed`: the same with packing (default packing_buffer_size): the largest pixels per
+  buffered sample, had the buffer held pixels (`--eager-packing` measures that pipeline: up to 30 MB per sample).
 
 Measurement. The loader starts, the first `--warmup` seconds of batches are dropped (worker start, the packing
-buffer fill and the shuffle buffer fill are reported as `first_batch_s`), then samples are counted for
+buffer fill and the shuffle buffer fill are reported as `first_batch_s`, and the CPU seconds the workers used by
+then as `first_batch_worker_cpu_s`, which other load on the machine does not inflate), then samples are counted for
 `--seconds`. Reported: samples/s, samples/s per worker, and the CPU seconds the worker processes used
 (/proc), which give `samples_per_worker_cpu_s`: the rate of one worker on a core of its own, unaffected by other
 load on the machine (the load average is recorded), and the trainer process's CPU time per sample (receiving
@@ -31,6 +34,13 @@ the batches). `workers_needed` divides a GPU's
 demand by the per-worker rate: stage 1 at 18.7 samples/s per GPU, stage 2 at ~4 samples per packed 4096 row x
 ~1.2 rows/s per H100 = 4.8 samples/s per GPU. With tensor parallelism every rank of a tensor-parallel group runs
 its own loader over the same samples, so each GPU must then be fed its group's rate (x tp degree).
+`worker_peak_rss_mb` is the largest peak resident set (VmHWM) of the worker processes at the end of the run; a
+forked worker starts with the pages of the trainer process (`main_process_rss_mb` when the loader starts), so the
+growth beyond that is the worker's own: its buffers (shuffle, packing, prefetched batches) and the freed memory
+glibc keeps (with 12-tile images up to ~1.3 GB of freed tiling buffers; `MALLOC_MMAP_THRESHOLD_=131072` returns it).
+
+`--eager-packing` buffers fully encoded samples, pixels included (`VLMTaskEncoder.defer_pixels_when_packing =
+False`, the pipeline before the encoding was split around the packing buffer; the same batches), to compare.
 
 Writes benchmarks/results/<date>_cpu_vlm_loader.json (workload, device, date, commit, command, numbers).
 """
@@ -88,6 +98,9 @@ CASES = {
                                {"llava_sft_seq4096_h100": SFT_SAMPLES_PER_ROW * SFT_ROWS_PER_S}),
     "internvit448_12tiles_sft": Case("internvit448_12tiles_sft", "sft", "sft", 4096, 1, False, "internvit448_12",
                                      {"llava_sft_seq4096_h100": SFT_SAMPLES_PER_ROW * SFT_ROWS_PER_S}),
+    "internvit448_12tiles_sft_packed": Case("internvit448_12tiles_sft_packed", "sft", "sft", 4096, 1, True,
+                                            "internvit448_12",
+                                            {"llava_sft_seq4096_h100": SFT_SAMPLES_PER_ROW * SFT_ROWS_PER_S}),
 }
 
 
@@ -176,6 +189,34 @@ def children_cpu_seconds() -> float | None:
     return total / tick
 
 
+def _status_mb(pid: int | str, field: str) -> float | None:
+    """A memory field of /proc/<pid>/status ("VmRSS", "VmHWM", ...) in MiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def children_peak_rss_mb() -> float | None:
+    """The largest peak resident set (VmHWM) of this process's live child processes, in MiB (Linux /proc)."""
+    me, peaks = os.getpid(), []
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == me and (peak := _status_mb(pid, "VmHWM")) is not None:
+            peaks.append(peak)
+    return max(peaks) if peaks else None
+
+
 def _own_cpu_seconds() -> float:
     times = os.times()
     return times.user + times.system
@@ -206,6 +247,7 @@ def measure(case: Case, dataset: str, num_workers: int, warmup_s: float, seconds
             packing_buffer_size: int | None = None) -> dict:
     """Samples/s of one case with `num_workers` loader processes (see the module docstring)."""
     data, config = build_loader(case, dataset, num_workers, packing_buffer_size)
+    main_rss_mb = _status_mb(os.getpid(), "VmRSS")
     started = time.perf_counter()
     step = 0
 
@@ -218,6 +260,7 @@ def measure(case: Case, dataset: str, num_workers: int, warmup_s: float, seconds
     try:
         next_batch()
         first_batch_s = time.perf_counter() - started
+        first_cpu = children_cpu_seconds() if num_workers > 0 else None
         while time.perf_counter() - started < first_batch_s + warmup_s:
             next_batch()
         data.pop_metrics()
@@ -230,6 +273,7 @@ def measure(case: Case, dataset: str, num_workers: int, warmup_s: float, seconds
         cpu1, main1 = children_cpu_seconds(), _own_cpu_seconds()
         metrics = data.pop_metrics()
         tile_bytes = mb["pixel_values"][0].numel() * mb["pixel_values"].element_size()
+        worker_peak_rss_mb = children_peak_rss_mb() if num_workers > 0 else None
     finally:
         data.close()
         gc.collect()  # shut the workers down now, not in a later loader's forked workers
@@ -240,15 +284,19 @@ def measure(case: Case, dataset: str, num_workers: int, warmup_s: float, seconds
     return {
         "num_workers": num_workers,
         "packing_buffer_size": config.multimodal.packing_buffer_size if case.packing else None,
+        "defer_pixels_when_packing": _defer_pixels() if case.packing else None,
         "samples": samples,
         "batches": batches,
         "seconds": round(elapsed, 2),
         "first_batch_s": round(first_batch_s, 2),
+        "first_batch_worker_cpu_s": round(first_cpu, 2) if first_cpu is not None else None,
         "samples_per_s": round(rate, 2),
         "samples_per_s_per_worker": round(rate / workers, 2),
         "worker_cpu_s": round(cpu, 2) if cpu is not None else None,
         "samples_per_worker_cpu_s": round(per_cpu_s, 2) if per_cpu_s else None,
         "main_process_cpu_ms_per_sample": round(1000 * (main1 - main0) / samples, 2) if samples else None,
+        "main_process_rss_mb": round(main_rss_mb) if main_rss_mb is not None else None,
+        "worker_peak_rss_mb": round(worker_peak_rss_mb) if worker_peak_rss_mb is not None else None,
         "tiles_per_sample": round(tiles / samples, 2) if samples else None,
         "pixel_mb_per_sample": round(tiles / samples * tile_bytes / 2**20, 2) if samples else None,
         "packing_efficiency": round(metrics["packing_efficiency"], 4),
@@ -256,6 +304,12 @@ def measure(case: Case, dataset: str, num_workers: int, warmup_s: float, seconds
         "load_average_1min_before": round(load0, 2),
         "load_average_1min_after": round(os.getloadavg()[0], 2),
     }
+
+
+def _defer_pixels() -> bool:
+    from titanmm.data.energon import VLMTaskEncoder
+
+    return VLMTaskEncoder.defer_pixels_when_packing
 
 
 def workers_needed(runs: list[dict], demand: dict) -> dict:
@@ -306,6 +360,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--packing-buffer-size", type=int, default=None, help="default: multimodal.packing_buffer_size")
+    p.add_argument("--eager-packing", action="store_true", help="buffer fully encoded samples, pixels included (the "
+                   "pipeline before pixels were made per pack), to compare memory and time to the first batch")
     p.add_argument("--workdir", default=None, help="where the data is made (default: a temp dir, deleted)")
     p.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--no-write", action="store_true", help="print the results only")
@@ -317,11 +373,17 @@ def main(argv=None) -> dict:
     import logging
     import warnings
 
-    logging.getLogger("titanmm").setLevel(logging.ERROR)
+    titanmm_logger = logging.getLogger("titanmm")
+    level = titanmm_logger.level
+    titanmm_logger.setLevel(logging.ERROR)  # restored below: a test may run main() in its own process
     os.environ.setdefault("TQDM_DISABLE", "1")  # energon's packing-buffer progress bar, in every worker
     warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true but no accelerator")
     root = Path(args.workdir or tempfile.mkdtemp(prefix="titanmm_vlm_loader_"))
     started = time.perf_counter()
+    from titanmm.data.energon import VLMTaskEncoder
+
+    defer = VLMTaskEncoder.defer_pixels_when_packing
+    VLMTaskEncoder.defer_pixels_when_packing = not args.eager_packing  # before the loader workers fork
     try:
         made = time.perf_counter()
         data = write_datasets(root, args.images, {CASES[name].data for name in args.cases})
@@ -337,10 +399,13 @@ def main(argv=None) -> dict:
                 print(f"{name:26s} workers {num_workers}: {run['samples_per_s']:7.2f} samples/s "
                       f"({run['samples_per_s_per_worker']:.2f}/worker, {run['samples_per_worker_cpu_s']} per worker "
                       f"CPU-second), first batch {run['first_batch_s']:.1f} s, {run['tiles_per_sample']} tiles/sample,"
-                      f" load {run['load_average_1min_before']}", flush=True)
+                      f" worker peak RSS {run['worker_peak_rss_mb']} MB, load {run['load_average_1min_before']}",
+                      flush=True)
             results[name] = {"case": dataclasses.asdict(case), "runs": runs,
                              "workers_needed_per_gpu": workers_needed(runs, case.demand)}
     finally:
+        VLMTaskEncoder.defer_pixels_when_packing = defer
+        titanmm_logger.setLevel(level)
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
     date = datetime.date.today().isoformat()

@@ -45,7 +45,8 @@ def test_tiny_run_writes_results(tmp_path):
     result = out["results"]["clip336_sft_packed"]
     (run,) = result["runs"]
     assert run["num_workers"] == 0 and run["packing_buffer_size"] == 4 and run["samples"] > 0
-    assert run["worker_cpu_s"] is None  # no worker processes
+    assert run["worker_cpu_s"] is None and run["worker_peak_rss_mb"] is None  # no worker processes
+    assert run["main_process_rss_mb"] > 0 and run["defer_pixels_when_packing"] is True
     assert run["samples_per_s"] > 0 and run["tiles_per_sample"] == 1.0 and run["skipped_samples"] == 0
     assert run["pixel_mb_per_sample"] == pytest.approx(3 * 336 * 336 * 4 / 2**20, abs=0.01)
     assert 0 < run["packing_efficiency"] <= 1

@@ -241,6 +241,113 @@ def test_savable_loader_state_round_trip(dataset, packing_buffer_size):
         assert any(len(b["__keys__"]) > len(b["input_ids"]) for b in reference)  # rows of several samples
 
 
+def _packed_loader(root, encoder, packing_buffer_size):
+    ds = get_train_dataset(str(root / "raw"), worker_config=WorkerConfig(rank=0, world_size=1, num_workers=0),
+                           batch_size=2, shuffle_buffer_size=4, max_samples_per_sequence=2, task_encoder=encoder,
+                           packing_buffer_size=packing_buffer_size)
+    return get_savable_loader(ds)
+
+
+def _identical(a, b):
+    fields = ("input_ids", "labels", "position_ids", "document_ids", "pixel_values", "num_tiles", "images_per_sample",
+              "tiles_per_sample", "num_tokens")
+    return a["__keys__"] == b["__keys__"] and a["skipped"] == b["skipped"] and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in fields)
+
+
+@pytest.mark.parametrize("packing_buffer_size", [2, 3, 5])
+def test_packed_batches_same_with_pixels_made_per_pack(dataset, packing_buffer_size):
+    """The packing buffer holds samples without pixels, which are made for each pack as energon emits it: the
+    batches, their skip counts and a resume mid-stream are bit for bit those of buffering fully encoded samples
+    (`defer_pixels_when_packing = False`, the pipeline before the split)."""
+    root, _, _, _ = dataset
+    tokenizer = ChatCharTokenizer()
+    seq_len = seq_len_for(tokenizer)
+
+    def encoder(defer):
+        enc = VLMTaskEncoder(tokenizer, "chatml", image_args(), IMAGE_TOKEN, TOKENS_PER_TILE, seq_len)
+        enc.defer_pixels_when_packing = defer
+        return enc
+
+    eager_encoder, split_encoder = encoder(False), encoder(True)
+    eager = _take(iter(_packed_loader(root, eager_encoder, packing_buffer_size)), 10)
+    first = _packed_loader(root, split_encoder, packing_buffer_size)
+    it = iter(first)
+    split = _take(it, 3)
+    state = first.save_state_rank()
+    split += _take(it, 7)
+    assert all(_identical(a, b) for a, b in zip(eager, split))
+    assert split_encoder.skipped == eager_encoder.skipped and split_encoder.skipped["corrupt_image"] >= 1
+    assert sum(sum(b["skipped"].values()) for b in split) == sum(split_encoder.skipped.values())
+    second = _packed_loader(root, encoder(True), packing_buffer_size)
+    second.restore_state_rank(state)
+    assert all(_identical(a, b) for a, b in zip(eager[3:], _take(iter(second), 7)))
+
+
+def _pipeline(ds):
+    """The wrapped datasets of an energon dataset, outermost first."""
+    chain = []
+    while ds is not None:
+        chain.append(ds)
+        ds = getattr(ds, "dataset", None)
+    return chain
+
+
+@pytest.mark.parametrize("packing_buffer_size", [None, 3])
+def test_pipeline_hooks(dataset, packing_buffer_size):
+    """Without packing energon maps `encode_sample` (pixels included) and nothing after it; with packing it maps
+    `preencode_sample` before the packing buffer and runs `postencode_sample` on each emitted pack."""
+    from megatron.energon.wrappers import MapDataset, PackingDataset
+
+    root, _, _, _ = dataset
+    tokenizer = ChatCharTokenizer()
+    encoder = VLMTaskEncoder(tokenizer, "chatml", image_args(), IMAGE_TOKEN, TOKENS_PER_TILE, seq_len_for(tokenizer))
+    ds = get_train_dataset(str(root / "raw"), worker_config=WorkerConfig(rank=0, world_size=1, num_workers=0),
+                           batch_size=2, shuffle_buffer_size=None, max_samples_per_sequence=None,
+                           task_encoder=encoder, packing_buffer_size=packing_buffer_size)
+    chain = _pipeline(ds)
+    maps = [d.map_fn.__name__ for d in chain
+            if isinstance(d, MapDataset) and getattr(d.map_fn, "__self__", None) is encoder]
+    packing = [d for d in chain if isinstance(d, PackingDataset)]
+    assert not encoder._split_encoding  # only while building
+    if packing_buffer_size is None:
+        assert maps == ["encode_batch", "encode_sample"] and not packing
+    else:
+        assert maps == ["encode_batch", "preencode_sample"]
+        assert packing[0].sample_encoder == encoder.postencode_sample and packing[0].sample_encoder_stateless
+
+
+def test_preencoded_sample_holds_no_pixels(dataset):
+    """What the packing buffer holds: tokens, labels, tile counts and the image bytes, not pixels; `add_pixels`
+    then gives exactly `encode`'s sample. A corrupt image is the same counted skip in `preencode` as in `encode`."""
+    from titanmm.data.energon import ConversationSample
+
+    root, images, _, _ = dataset
+    tokenizer = ChatCharTokenizer()
+    encoder = VLMTaskEncoder(tokenizer, "chatml", image_args(), IMAGE_TOKEN, TOKENS_PER_TILE, seq_len_for(tokenizer))
+    for record in RECORDS:
+        data = [(images / record["image"]).read_bytes()] if "image" in record else []
+        sample = ConversationSample(__key__=record["id"], __restore_key__=(), conversation=llava_turns(
+            record["conversations"], len(data)), images=data)
+        if record.get("image") == "broken.png":
+            for hook in (encoder.encode_sample, encoder.preencode_sample):
+                with pytest.raises(SkipSample):
+                    hook(sample)
+            continue
+        full, pre = encoder.encode_sample(sample), encoder.preencode_sample(sample)
+        assert "pixel_values" not in pre and pre["images"] == data and all(a is b for a, b in zip(pre["images"], data))
+        assert all(isinstance(v, (torch.Tensor, list, tuple, str, int, type(None))) for v in pre.values())
+        post = encoder.postencode_sample(pre)
+        assert "images" in pre and "images" not in post and "tile_budget" not in post  # a new dict
+        assert sorted(post) == sorted(full)
+        for k, v in full.items():
+            if isinstance(v, torch.Tensor):
+                assert v.dtype == post[k].dtype and torch.equal(v, post[k]), (record["id"], k)
+            else:
+                assert v == post[k], (record["id"], k)
+    assert encoder.skipped == {"corrupt_image": 2}
+
+
 def test_convert_from_saved_hf_dataset(dataset, tmp_path):
     """A saved HF dataset (Image feature) converts to the same samples, image bytes unchanged, as the JSON."""
     datasets = pytest.importorskip("datasets")

@@ -137,11 +137,13 @@ class Multimodal:
     buffer of packing_buffer_size samples that fills it most); each keeps its own positions and attends only to
     itself."""
     packing_buffer_size: int = 96
-    """Encoded samples each loader worker holds to choose packs from. Larger packs tighter: on LLaVA-665K-like
-    SFT data (576-token images) at seq_len 4096, 93% of the tokens are non-padding with 32, 95.7% with 64, 97%
-    with 96, 97.7% with 128 (benchmarks/vlm_packing.py). Each buffered sample holds its pixels (float32: 1.4 MB
-    per CLIP-336 image, 2.4 MB per 448-px tile, i.e. up to 31 MB for a 12-tile + thumbnail image), and the first
-    batch (also after a resume) waits until the buffer is full."""
+    """Samples each loader worker holds to choose packs from. Larger packs tighter: on LLaVA-665K-like SFT data
+    (576-token images) at seq_len 4096, 93% of the tokens are non-padding with 32, 95.7% with 64, 97% with 96,
+    97.7% with 128 (benchmarks/vlm_packing.py). A buffered sample holds its tokens and image bytes, not pixels:
+    the pixels (float32: 1.4 MB per CLIP-336 image, 2.4 MB per 448-px tile) are made only for the pack being
+    emitted, each image decoded once more for it. The first batch (also after a resume) waits until the buffer is
+    full, its samples tokenized and their images decoded (to check them and read their size): ~1.2 CPU-seconds
+    for 96 samples of 640x480 JPEGs (benchmarks/vlm_loader.py)."""
     num_workers: int = 2
     """Data loader worker processes per data-parallel rank (image decoding and tiling); 0 loads in the
     training process."""

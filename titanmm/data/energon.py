@@ -36,15 +36,29 @@ Pipeline per sample:
    sample (tile counts from `tiling.num_tiles_for`, so pixels are made once, for the chosen budget).
    `chat.expand_images` lays out tags + image tokens; `chat.sft_sample` makes input_ids / labels. Text is
    never truncated: a sample that does not fit even with one tile per image is skipped ("too_long").
-4. Packing (only when the dataset is built with `packing_buffer_size`): `select_samples_to_pack` groups a
-   buffer of encoded samples into sequences of at most seq_len tokens, each sequence in turn the subset of the
-   remaining samples that fills it most (`greedy_knapsack`), and `pack_selected_samples` concatenates each group.
-   energon (its `PackingDataset`) hands over one full buffer at a time and emits every returned group, in order,
-   before it selects from the next buffer: a sample left out of all groups would be dropped, and none can wait
-   for the next buffer (energon's checkpoint holds only its own buffers), so every sample of a buffer is packed
-   in that buffer's groups. `batch` then gives every packed sample its own document id and positions
-   restarting at 0, so the language model's document masking keeps the samples from attending to each other
-   (labels never cross a sample boundary: each is shifted on its own).
+   Without packing this is energon's one `encode_sample` step, pixels included.
+4. Packing (only when the dataset is built with `packing_buffer_size`): the encoding is split around energon's
+   packing buffer. `preencode_sample` (step 3 without the pixels: every image is decoded, so that a corrupt or too
+   large image is the same counted skip, at the same point, as without the split (a truncated file's header, and so
+   its size, reads fine: only decoding finds it), and its upright size gives the tile counts, then the pixels are
+   dropped) puts into the buffer what selection needs: input_ids, labels, tiles per image, the tile budget and the
+   image bytes (~0.1 MB per COCO JPEG instead of 1.4 MB of CLIP-336 or up to 31 MB of 12-tile + thumbnail
+   InternViT-448 float32 pixels). `select_samples_to_pack` groups a buffer into sequences of at most seq_len tokens,
+   each sequence in turn the subset of the remaining samples that fills it most (`greedy_knapsack`); energon then
+   runs `postencode_sample` on each sample of a group as it emits it (`add_pixels`: the image bytes decoded again
+   and tiled with the chosen budget, bit for bit `encode`'s pixels), and `pack_selected_samples` concatenates the
+   group. So only the pack being emitted has pixels, the first batch waits for the buffer's text and image decoding,
+   not its tiling, and each image is decoded twice (~4 ms for a 640x480 JPEG;
+   `VLMTaskEncoder.defer_pixels_when_packing = False` buffers fully encoded samples instead: the same batches, the
+   pixels of the whole buffer in memory). energon (its `PackingDataset`) hands over one full buffer at a time and
+   emits every returned group, in order, before it selects from the next buffer: a sample left out of all groups
+   would be dropped, and none can wait for the next buffer (energon's checkpoint holds only its own buffers), so
+   every sample of a buffer is packed in that buffer's groups. The checkpoint holds restore keys, not samples: on
+   resume energon re-creates the buffered samples with `preencode_sample` and a pack with `preencode_sample` +
+   `postencode_sample` + `pack_selected_samples` (all `@stateless`), so a resumed loader emits the same batches.
+   `batch` then gives every packed sample its own document id and positions restarting at 0, so the language model's
+   document masking keeps the samples from attending to each other (labels never cross a sample boundary: each is
+   shifted on its own).
 5. `batch`: pads input_ids (pad id) and labels (-100) to seq_len (in a packed row the padding is one more
    document); tiles of all images are concatenated, row after row.
 
@@ -63,7 +77,8 @@ import json
 import logging
 import re
 from collections import Counter
-from typing import Sequence
+from contextlib import contextmanager
+from typing import NamedTuple, Sequence
 
 import torch
 import webdataset.autodecode
@@ -91,6 +106,18 @@ SKIP_REASONS = ("corrupt_image", "image_too_large", "image_mismatch", "image_tok
 # than spinning forever through a repeating dataset.
 MAX_CONSECUTIVE_SKIPS = 1000
 _INDEXED_IMAGE = re.compile(r"^(\d+)\.(" + "|".join(IMAGE_EXTENSIONS) + r")$")
+
+
+class ImageSize(NamedTuple):
+    """The upright size of a decoded image, all `_tile_count` needs (what a pre-encoded sample keeps of it)."""
+
+    width: int
+    height: int
+
+
+def _image_list(images) -> list:
+    """The images of a sample as a list: None -> [], one byte string -> [it]."""
+    return [] if images is None else [images] if isinstance(images, (bytes, bytearray)) else list(images)
 
 
 def decode_text_field(key: str, data: bytes):
@@ -309,6 +336,11 @@ class VLMTaskEncoder(DefaultTaskEncoder[Sample, dict, dict, dict]):
 
     cookers = [Cooker(cook_llava)]
     decoder = TextFieldDecoder()  # images stay raw bytes: titanmm decodes them itself
+    #: With a packing buffer: buffer pre-encoded samples (tokens, tile counts, image bytes) and make the pixels of
+    #: the samples of each pack as energon emits it. False: buffer fully encoded samples, pixels included (the
+    #: same batches; each image decoded once instead of twice, but the pixels of the whole buffer in memory).
+    defer_pixels_when_packing: bool = True
+    _split_encoding = False  # True while a dataset with a packing buffer is built (see `_is_overridden`)
 
     def __init__(self, tokenizer, chat_template, image_args, image_token_id: int, tokens_per_tile: int, seq_len: int,
                  *, task: str = "sft", max_tiles: int = 0):
@@ -360,16 +392,29 @@ class VLMTaskEncoder(DefaultTaskEncoder[Sample, dict, dict, dict]):
             return tuple(config.crop_size)
         return tuple(config.size)
 
-    def _decode(self, images: list, key: str) -> list:
+    def _decode(self, images: list, key: str, keep_pixels: bool = True) -> list:
+        """The images decoded (`load_image`), or with keep_pixels=False only their upright sizes (`ImageSize`, the
+        pixels dropped at once): a corrupt or too large image is the same counted skip either way."""
         decoded = []
         for data in images:
             try:
-                decoded.append(load_image(data))
+                image = load_image(data)
             except ImageTooLargeError as e:
                 raise self._skip("image_too_large", key, str(e)) from e
             except ImageDecodeError as e:
                 raise self._skip("corrupt_image", key, str(e)) from e
+            decoded.append(image if keep_pixels else ImageSize(image.width, image.height))
         return decoded
+
+    def _tiles(self, decoded: list, budget: int | None, counts: list[int], key: str) -> torch.Tensor:
+        """[tiles, 3, H, W]: the tiles of the decoded images for the chosen budget, checked against `counts`."""
+        if not decoded:
+            return torch.zeros(0, 3, *self._tile_shape())
+        tiles = [self.pixels(image, budget) for image in decoded]
+        made = [t.shape[0] for t in tiles]
+        if made != counts:
+            raise AssertionError(f"{key}: {made} tiles made, {counts} expected")
+        return torch.cat(tiles)
 
     def sample_turns(self, sample: Sample) -> tuple[list[dict] | None, str | None, str | None, list]:
         """(turns, caption prompt, caption, image bytes) of a sample for this task: turns for "sft", prompt and
@@ -402,7 +447,38 @@ class VLMTaskEncoder(DefaultTaskEncoder[Sample, dict, dict, dict]):
         SkipSample for a corrupt image, a placeholder / image count mismatch, no learned token or a sample
         that does not fit in seq_len + 1 tokens with one tile per image.
         """
-        images = [] if images is None else [images] if isinstance(images, (bytes, bytearray)) else list(images)
+        images = _image_list(images)
+        out, counts, decoded, budget = self._encode_tokens(turns, images, key, caption, keep_pixels=True)
+        out["pixel_values"] = self._tiles(decoded, budget, counts, key)
+        out["num_tiles"] = torch.tensor(counts, dtype=torch.long)
+        return out
+
+    def preencode(self, turns: list | None, images, key: str = "<sample>", *,
+                  caption: tuple[str, str] | None = None) -> dict:
+        """`encode` without the pixels: the same tokens, tile counts and skips (every image is decoded, to check
+        it and to know its size, and dropped at once), plus the image bytes ("images") and the tile budget
+        ("tile_budget") that `add_pixels` makes the same "pixel_values" from."""
+        images = _image_list(images)
+        out, counts, _, budget = self._encode_tokens(turns, images, key, caption, keep_pixels=False)
+        out["num_tiles"] = torch.tensor(counts, dtype=torch.long)
+        out["images"] = images
+        out["tile_budget"] = budget
+        return out
+
+    def add_pixels(self, sample: dict) -> dict:
+        """A `preencode`d sample with its "pixel_values" made (the images decoded again: the same bytes give the
+        same pixels) in place of "images" / "tile_budget"; a new dict, the other entries shared. (Should decoding
+        fail now, e.g. out of memory, the sample is a counted skip and energon leaves it out of its pack.)"""
+        key = sample["__keys__"][0] if "__keys__" in sample else "<sample>"
+        out = {k: v for k, v in sample.items() if k not in ("images", "tile_budget")}
+        decoded = self._decode(sample["images"], key)
+        out["pixel_values"] = self._tiles(decoded, sample["tile_budget"], sample["num_tiles"].tolist(), key)
+        return out
+
+    def _encode_tokens(self, turns: list | None, images: list, key: str, caption: tuple[str, str] | None,
+                       keep_pixels: bool) -> tuple[dict, list[int], list, int | None]:
+        """({"input_ids", "labels"}, tiles per image, the decoded images (or their sizes), the tile budget chosen:
+        None without images) of a sample; raises the counted SkipSample of `encode`."""
         if caption is not None:
             prompt, text = caption
             ids, mask = encode_caption(text, prompt, self.tokenizer, self.chat_template,
@@ -419,14 +495,11 @@ class VLMTaskEncoder(DefaultTaskEncoder[Sample, dict, dict, dict]):
             raise self._skip("image_mismatch", key, f"{num_placeholders} placeholder(s) for {len(images)} image(s)")
         if not any(mask[1:]):
             raise self._skip("no_learned_tokens", key, "no assistant reply to learn")
-        decoded = self._decode(images, key)
+        decoded = self._decode(images, key, keep_pixels)
         if not decoded:
             if len(ids) - 1 > self.seq_len:
                 raise self._skip("too_long", key, f"{len(ids)} tokens > seq_len + 1 = {self.seq_len + 1}")
-            out = sft_sample(ids, mask)
-            out["pixel_values"] = torch.zeros(0, 3, *self._tile_shape())
-            out["num_tiles"] = torch.zeros(0, dtype=torch.long)
-            return out
+            return sft_sample(ids, mask), [], [], None
         budgets = tile_budgets(self.image_config.max_tiles) if self.image_config.tiling != "none" else [1]
         tried = []
         for budget in budgets:
@@ -435,27 +508,65 @@ class VLMTaskEncoder(DefaultTaskEncoder[Sample, dict, dict, dict]):
                                                 tokens_per_tile=self.tokens_per_tile, num_tiles=counts, **self.layout)
             tried.append((budget, len(expanded.input_ids)))
             if len(expanded.input_ids) - 1 <= self.seq_len:
-                out = sft_sample(expanded.input_ids.tolist(), loss_mask.tolist())
-                tiles = [self.pixels(image, budget) for image in decoded]
-                made = [t.shape[0] for t in tiles]
-                if made != counts:
-                    raise AssertionError(f"{key}: {made} tiles made, {counts} expected")
-                out["pixel_values"] = torch.cat(tiles)
-                out["num_tiles"] = torch.tensor(counts, dtype=torch.long)
-                return out
+                return sft_sample(expanded.input_ids.tolist(), loss_mask.tolist()), counts, decoded, budget
         raise self._skip("too_long", key, f"(max_tiles, tokens) tried: {tried}; seq_len + 1 = {self.seq_len + 1}")
 
     # -- energon hooks --------------------------------------------------------------------------
 
     @stateless
     def encode_sample(self, sample: Sample) -> dict:
+        """Without packing: the whole encoding, pixels included (`encode`)."""
         turns, prompt, caption, images = self.sample_turns(sample)
         out = self.encode(turns, images, sample.__key__, caption=None if prompt is None else (prompt, caption))
+        return self._finish_sample(out, sample)
+
+    @stateless
+    def preencode_sample(self, sample: Sample) -> dict:
+        """With packing, what enters energon's packing buffer: the sample without its pixels (`preencode`)."""
+        turns, prompt, caption, images = self.sample_turns(sample)
+        out = self.preencode(turns, images, sample.__key__, caption=None if prompt is None else (prompt, caption))
+        return self._finish_sample(out, sample)
+
+    @stateless
+    def postencode_sample(self, sample: dict) -> dict:
+        """With packing, each sample of a pack as energon emits it: its pixels made (`add_pixels`)."""
+        return self.add_pixels(sample)
+
+    def _finish_sample(self, out: dict, sample: Sample) -> dict:
         self._consecutive_skips = 0
         out["__keys__"] = [sample.__key__]
         out["__restore_key__"] = sample.__restore_key__  # energon re-creates buffered samples from it on resume
         out["document_lengths"] = [len(out["input_ids"])]
         return out
+
+    # energon builds its pipeline from the sample hooks that a task encoder overrides (`_is_overridden`, asked
+    # only while building): one `encode_sample` map, or a `preencode_sample` map before the packing buffer and
+    # `postencode_sample` on each emitted pack (without packing energon would map it right after
+    # `preencode_sample`). This encoder has all three, so it shows energon the pair while a dataset with a
+    # packing buffer is built and `encode_sample` otherwise: the pipeline without packing is the one-step one.
+
+    def build_train_datasets(self, *, packing_buffer_size: int | None = None, **kwargs):
+        with self._building(packing_buffer_size):
+            return super().build_train_datasets(packing_buffer_size=packing_buffer_size, **kwargs)
+
+    def build_val_datasets(self, *, packing_buffer_size: int | None = None, **kwargs):
+        with self._building(packing_buffer_size):
+            return super().build_val_datasets(packing_buffer_size=packing_buffer_size, **kwargs)
+
+    @contextmanager
+    def _building(self, packing_buffer_size: int | None):
+        self._split_encoding = packing_buffer_size is not None and self.defer_pixels_when_packing
+        try:
+            yield
+        finally:
+            self._split_encoding = False
+
+    def _is_overridden(self, bound_method, bases=None) -> bool:
+        name = getattr(bound_method, "__name__", None)
+        if name in ("encode_sample", "preencode_sample", "postencode_sample") \
+                and getattr(bound_method, "__self__", None) is self:
+            return self._split_encoding != (name == "encode_sample")
+        return super()._is_overridden(bound_method, bases)
 
     def select_samples_to_pack(self, samples: list[dict]) -> list[list[dict]]:
         """The buffered samples grouped into sequences of at most seq_len tokens, fullest first
