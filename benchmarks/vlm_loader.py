@@ -57,7 +57,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -66,7 +65,11 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from vlm_packing import device_description, git_commit, worktree_has_changes  # noqa: E402
 
 STAGE1_SAMPLES_PER_S = 18.7  # LLaVA stage 1 on one H100 (batch 8, seq_len 1024), measured
 SFT_SAMPLES_PER_ROW, SFT_ROWS_PER_S = 4, 1.2  # LLaVA SFT at seq_len 4096 with packing, per H100 (estimate)
@@ -325,33 +328,6 @@ def workers_needed(runs: list[dict], demand: dict) -> dict:
     return out
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def worktree_has_changes() -> bool | None:
-    """Whether the git work tree differs from HEAD (the numbers are then of HEAD plus those changes)."""
-    try:
-        return bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                   stdout=subprocess.PIPE, text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=128, help="distinct JPEGs (and records per dataset)")
@@ -412,7 +388,7 @@ def main(argv=None) -> dict:
     out = {
         "workload": "vlm_loader: samples/s of the VLMData energon loader (JPEG decode, CLIP-336 / InternViT-448 "
                     "tiling, tokenization, packing) over COCO-like 640x480 JPEGs, per loader worker",
-        "device": f"cpu: {cpu_name()}, {os.cpu_count()} cores",
+        "device": device_description(),
         "date": date,
         "commit": git_commit(),
         "worktree_has_changes": worktree_has_changes(),

@@ -40,6 +40,19 @@ def gloo_process_group(rank: int, world_size: int, port: int):
         dist.destroy_process_group()
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ is a folder of scripts, not a package), loaded once."""
+    import importlib.util
+
+    module_name = f"_titanmm_benchmarks_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, REPO / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
 def train_command(nproc: int, dump_folder: Path, overrides: list[str], config: Path = DEBUG_CONFIG) -> list[str]:
     # --standalone lets the launcher bind its own free port (no race with other processes for it).
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]

@@ -3,25 +3,14 @@ commands of --dry-run and the README table, from small sample outputs (no GPU, n
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from tests.utils import REPO
+from tests.utils import load_benchmark
 
 
-def _load(name: str):
-    """benchmarks/<name>.py by path (benchmarks/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_titanmm_benchmarks_{name}", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-compare, readme_table = _load("compare"), _load("readme_table")
+compare, readme_table = load_benchmark("compare"), load_benchmark("readme_table")
 
 H100 = "NVIDIA H100 80GB HBM3"
 

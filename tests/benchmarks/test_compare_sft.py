@@ -3,27 +3,17 @@ samples/s/GPU summary of both sides from canned outputs, and a whole `main()` wi
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from tests.utils import REPO
+from tests.utils import load_benchmark
 
 H200 = "NVIDIA H200"
 NAME = "llava_mistral_clip336_sft"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_titanmm_benchmarks_{name}", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-compare, readme_table = _load("compare"), _load("readme_table")
+compare, readme_table = load_benchmark("compare"), load_benchmark("readme_table")
 W = compare.WORKLOADS[NAME]
 
 

@@ -5,7 +5,6 @@ benchmarks/hf_llava_sft.py (batching, and a `--tiny` run under torchrun on 2 glo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,21 +16,12 @@ import torch
 pytest.importorskip("megatron.energon")
 pytest.importorskip("transformers")
 
-from tests.utils import REPO, run_env  # noqa: E402
+from tests.utils import REPO, load_benchmark, run_env  # noqa: E402
 
 SAMPLES, SEQ_LEN, SEED = 8, 4096, 0  # seed 0: sample 1 is text-only
 
 
-def _load(name: str):
-    """benchmarks/<name>.py by path (benchmarks/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_titanmm_benchmarks_{name}", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-data_builder, peer, compare = _load("llava_sft_data"), _load("hf_llava_sft"), _load("compare")
+data_builder, peer, compare = load_benchmark("llava_sft_data"), load_benchmark("hf_llava_sft"), load_benchmark("compare")
 
 
 @pytest.fixture(scope="module")

@@ -3,28 +3,17 @@ the test process: a worker process takes seconds to shut down), a results file w
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import sys
 
 import pytest
 
-from tests.utils import REPO
+from tests.utils import load_benchmark
 
 pytest.importorskip("megatron.energon")
 
 
-def _load(name: str):
-    """benchmarks/<name>.py by path (benchmarks/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_titanmm_benchmarks_{name}", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-vlm_loader = _load("vlm_loader")
+vlm_loader = load_benchmark("vlm_loader")
 
 
 def test_coco_like_jpeg_has_a_photo_like_size():

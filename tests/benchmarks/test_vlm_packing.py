@@ -3,27 +3,16 @@ forms exactly the rows that energon's own PackingDataset forms from the same sam
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from tests.utils import REPO
+from tests.utils import load_benchmark
 
 pytest.importorskip("megatron.energon")
 
 
-def _load(name: str):
-    """benchmarks/<name>.py by path (benchmarks/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_titanmm_benchmarks_{name}", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-vlm_packing = _load("vlm_packing")
+vlm_packing = load_benchmark("vlm_packing")
 
 
 def test_tiny_run_writes_results(tmp_path):
