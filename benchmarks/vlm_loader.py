@@ -69,7 +69,7 @@ for _path in (REPO, REPO / "benchmarks"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from vlm_packing import device_description, git_commit, worktree_has_changes  # noqa: E402
+from vlm_packing import device_description, git_commit, worktree_has_changes, write_results  # noqa: E402
 
 STAGE1_SAMPLES_PER_S = 18.7  # LLaVA stage 1 on one H100 (batch 8, seq_len 1024), measured
 SFT_SAMPLES_PER_ROW, SFT_ROWS_PER_S = 4, 1.2  # LLaVA SFT at seq_len 4096 with packing, per H100 (estimate)
@@ -175,21 +175,31 @@ def write_datasets(root: Path, num_images: int, kinds=("captions", "sft"), seed:
 # -- measurement --------------------------------------------------------------------------------
 
 
-def children_cpu_seconds() -> float | None:
-    """CPU seconds (user + system) used so far by this process's live child processes (Linux /proc)."""
-    me, total, tick = os.getpid(), 0, os.sysconf("SC_CLK_TCK")
+def _children_stats() -> list[tuple[str, list[str]]] | None:
+    """(pid, the /proc/<pid>/stat fields after "(comm)": state, ppid, ..., utime, stime, ...) of this process's
+    live child processes (Linux /proc), or None without /proc."""
+    me = os.getpid()
     try:
         pids = [p for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
         return None
+    children = []
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+        except (OSError, IndexError):
             continue
-        if int(fields[1]) == me:  # fields after "(comm)": state, ppid, ..., utime (12th), stime (13th)
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
+        if int(fields[1]) == me:
+            children.append((pid, fields))
+    return children
+
+
+def children_cpu_seconds() -> float | None:
+    """CPU seconds (user + system) used so far by this process's live child processes."""
+    children = _children_stats()
+    if children is None:
+        return None
+    return sum(int(fields[11]) + int(fields[12]) for _, fields in children) / os.sysconf("SC_CLK_TCK")
 
 
 def _status_mb(pid: int | str, field: str) -> float | None:
@@ -204,19 +214,8 @@ def _status_mb(pid: int | str, field: str) -> float | None:
 
 
 def children_peak_rss_mb() -> float | None:
-    """The largest peak resident set (VmHWM) of this process's live child processes, in MiB (Linux /proc)."""
-    me, peaks = os.getpid(), []
-    try:
-        pids = [p for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return None
-    for pid in pids:
-        try:
-            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == me and (peak := _status_mb(pid, "VmHWM")) is not None:
-            peaks.append(peak)
+    """The largest peak resident set (VmHWM) of this process's live child processes, in MiB."""
+    peaks = [peak for pid, _ in (_children_stats() or []) if (peak := _status_mb(pid, "VmHWM")) is not None]
     return max(peaks) if peaks else None
 
 
@@ -400,10 +399,7 @@ def main(argv=None) -> dict:
         "results": results,
     }
     if not args.no_write:
-        path = Path(args.results_dir) / f"{date}_cpu_vlm_loader.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {path}")
+        write_results(out, Path(args.results_dir) / f"{date}_cpu_vlm_loader.json")
     return out
 
 

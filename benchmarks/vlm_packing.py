@@ -324,11 +324,14 @@ def main(argv=None) -> dict:
         "results": results,
     }
     if not args.no_write:
-        path = Path(args.results_dir) / f"{date}_cpu_vlm_packing.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {path}")
+        write_results(out, Path(args.results_dir) / f"{date}_cpu_vlm_packing.json")
     return out
+
+
+def write_results(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
