@@ -271,8 +271,9 @@ def build_vlm_data(config, model_args, tokens_per_tile: int, dp_rank: int, dp_de
         size = model_args.image.tile_size
         dataset = MockMultimodalDataset(model_args.lm.vocab_size, t.seq_len, model_args.image_token_id,
                                         tokens_per_tile, size, bos_id=model_args.lm.bos_token_id, seed=t.seed)
+        # Pinned (where CUDA is) like energon's batches: a copy from pageable memory waits for the previous step.
         return MockVLMBatcher(dataset, t.local_batch_size, dp_rank, dp_degree, grad_accum_steps, seed=t.seed,
-                              shuffle=False, prefetch=True)
+                              shuffle=False, prefetch=True, pin_memory=True)
     validate_energon_dataset(t.dataset)
     tokenizer = build_tokenizer(config.model.tokenizer_path)
     if tokenizer.vocab_size > model_args.lm.vocab_size:
