@@ -26,6 +26,12 @@ Workloads (identical model, sequence length, batch and precision on both sides; 
 * `decode_llama3_8b` (1 GPU): greedy decoding with a random-weight Llama 3 8B in bf16, 128-token prompts, 128 new
   tokens, batch 1 and 32: `titanmm.generate` vs transformers' generate with its default cache
   (`bench_hf.py decode default B`).
+* `decode_llava_mistral_clip336` (1 GPU): the same with a random-weight LLaVA (CLIP-L/336 + Mistral 7B) in bf16,
+  one image per prompt: bos + 576 image tokens + 128 text tokens, 128 new tokens, batch 1 and 32:
+  `titanmm.generate` with pixel values (`decode_throughput.py --model vlm`) vs transformers'
+  LlavaForConditionalGeneration.generate with its default cache (`benchmarks/hf_llava_decode.py --batch B`,
+  bench_hf.py's LLaVA dimensions). The projectors differ (titanmm's flavor: Megatron's 1024->14336->4096; transformers':
+  1024->4096->4096) but run in the prefill only, as the vision tower does.
 
 The peers run from `.peers/` (a git-ignored copy of ../shared/peers that `benchmarks/setup_peers.sh` makes, with the
 torchtitan wheels in `.device-wheels/`); titanmm runs from this checkout. Each side is its own process, one after
@@ -40,9 +46,11 @@ dense peak, also for FP8), and the largest peak reserved memory of the measured 
 timed by its script (mean of 10 steps after 3); its TFLOP/s use titanmm's FLOPs per token of the same model, and
 memory there is the peak *allocated* on both sides (the script reports no reserved memory). Decoding: new tokens/s
 per generate call (prefill included; titanmm: median of 3 calls after 2, transformers: mean of 3 after 2); TFLOP/s
-count 2 x non-embedding parameters per new token. For batch 1 the result also gives the fraction of the
+count 2 x non-embedding parameters per new token (for LLaVA the language model's: the vision tower and projector
+run in the prefill only). For batch 1 the result also gives the fraction of the
 memory-bandwidth bound: every decode step reads each weight (but the input embedding) once, so the bound is
-HBM bandwidth / weight bytes tokens/s, with the bandwidth measured by a device-to-device copy in the same run.
+HBM bandwidth / weight bytes tokens/s (for LLaVA its language model's weights), with the bandwidth measured by a
+device-to-device copy in the same run.
 
 LLaVA SFT (`llava_mistral_clip336_sft`): samples/s/GPU is the headline (a packed row holds ~5 samples, a padded
 batch row one). titanmm's metrics.jsonl windows carry `samples` (the window's samples over all data-parallel ranks,
@@ -105,6 +113,7 @@ class Workload:
     decode_batches: tuple[int, ...] = ()
     peer_batch: int = 0  # vlm_sft: the peer's samples per GPU and step (padded to the longest)
     samples: int = 0  # vlm_sft: samples of the synthetic dataset
+    decode_model: str = "llama"  # decode: "llama" (DECODE_FLAVOR) or "vlm" (VLM_FLAVOR, one image per prompt)
 
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in [
@@ -116,6 +125,8 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload("llava_mistral_clip336_sft", "vlm_sft", 4, TRANSFORMERS, seq_len=4096, batch=1, peer_batch=2,
              samples=2000),
     Workload("decode_llama3_8b", "decode", 1, TRANSFORMERS, seq_len=128, decode_batches=(1, 32)),
+    Workload("decode_llava_mistral_clip336", "decode", 1, TRANSFORMERS, seq_len=128, decode_batches=(1, 32),
+             decode_model="vlm"),
 ]}
 VLM_FLAVOR = "llava_mistral_7b_clip336"
 LLAMA3_VOCAB = 128256  # torchtitan takes its vocabulary size from the tokenizer: benchmarks/torchtitan_assets.py
@@ -242,15 +253,21 @@ def _plan(w: Workload, gpus: int, steps: int, work: Path, log_freq: int = 1, war
                 "benchmarks/hf_llava_sft.py", "--data", str(data), f"--batch={w.peer_batch}", f"--steps={steps}",
                 f"--warmup={warmup}"], dict(ALLOC_CONF)),
         ]
+    vlm = w.decode_model == "vlm"
     runs = [Run("titanmm", "titanmm", [
-        sys.executable, "benchmarks/decode_throughput.py", "--flavor", DECODE_FLAVOR,
+        sys.executable, "benchmarks/decode_throughput.py", *(["--model", "vlm"] if vlm else []),
+        "--flavor", decode_flavor(w),
         "--batch", *map(str, w.decode_batches), "--prompt-len", str(w.seq_len), "--new-tokens", str(DECODE_NEW_TOKENS),
         "--warmup", str(DECODE_WARMUP), "--iters", str(DECODE_ITERS), "--compile", "--json", str(work / "decode.json")],
         dict(ALLOC_CONF), output=work / "decode.json")]
     for batch in w.decode_batches:
-        runs.append(Run("peer", f"{TRANSFORMERS} B={batch}", [
-            sys.executable, str(PEERS / "transformers" / "bench_hf.py"), "decode", "default", str(batch)],
-            dict(ALLOC_CONF), batch=batch))
+        if vlm:  # the LLaVA decode peer is in benchmarks/ (bench_hf.py's decode is Llama only)
+            argv = [sys.executable, "benchmarks/hf_llava_decode.py", "--batch", str(batch), "--mode", "default",
+                    "--prompt-len", str(w.seq_len), "--new-tokens", str(DECODE_NEW_TOKENS),
+                    "--warmup", str(DECODE_WARMUP), "--iters", str(DECODE_ITERS)]
+        else:
+            argv = [sys.executable, str(PEERS / "transformers" / "bench_hf.py"), "decode", "default", str(batch)]
+        runs.append(Run("peer", f"{TRANSFORMERS} B={batch}", argv, dict(ALLOC_CONF), batch=batch))
     return runs
 
 
@@ -317,7 +334,7 @@ def parse_titanmm_jsonl(text: str) -> list[dict]:
 _HF_LLAVA = re.compile(r"HF LLaVA.*?B=(\d+)\s+S=(\d+):\s*([\d.,]+)\s*ms/step,\s*([\d.,]+)\s*samples/s,\s*"
                        r"([\d.,]+)\s*tok/s,\s*peak\s*([\d.,]+)\s*GiB")
 _HF_DECODE = re.compile(r"HF generate\s+(\S+)\s+(\w+)\s+B=(\d+):\s*([\d.,]+)\s*new tok/s\s*\(([\d.,]+)\s*s per call"
-                        r"(?: of (\d+) tokens)?")
+                        r"(?: of (\d+) tokens)?\)?(?:,\s*peak\s*([\d.,]+)\s*GiB)?")
 
 
 def parse_hf_llava(text: str) -> dict | None:
@@ -332,14 +349,18 @@ def parse_hf_llava(text: str) -> dict | None:
 
 
 def parse_hf_decode(text: str) -> dict | None:
-    """`bench_hf.py decode MODE B` -> {"model", "mode", "batch", "new_tokens_per_s", "seconds_per_call",
-    "new_tokens"} (the last result line), or None."""
+    """`bench_hf.py decode MODE B` or `hf_llava_decode.py --batch B` -> {"model", "mode", "batch",
+    "new_tokens_per_s", "seconds_per_call", "new_tokens"} and, when the line ends in ", peak X GiB"
+    (hf_llava_decode.py on CUDA), "peak_mem_gib" (the last result line), or None."""
     matches = list(_HF_DECODE.finditer(_ANSI.sub("", text)))
     if not matches:
         return None
-    model, mode, b, rate, seconds, new = matches[-1].groups()
-    return {"model": model, "mode": mode, "batch": int(b), "new_tokens_per_s": _number(rate),
-            "seconds_per_call": _number(seconds), "new_tokens": int(new) if new else None}
+    model, mode, b, rate, seconds, new, peak = matches[-1].groups()
+    parsed = {"model": model, "mode": mode, "batch": int(b), "new_tokens_per_s": _number(rate),
+              "seconds_per_call": _number(seconds), "new_tokens": int(new) if new else None}
+    if peak is not None:
+        parsed["peak_mem_gib"] = _number(peak)
+    return parsed
 
 
 def parse_hf_llava_sft(text: str) -> dict | None:
@@ -467,11 +488,33 @@ def with_sft_flops(side: dict, peak: float | None) -> dict:
     return side
 
 
-def decode_weight_stats() -> tuple[int, int]:
-    """(non-embedding parameters, weight bytes read per decode step in bf16) of the decode model."""
-    from titanmm.models.llama import LLAMA_FLAVORS
+def decode_flavor(w: Workload) -> str:
+    """The titanmm flavor a decode workload runs: DECODE_FLAVOR (a "llama" flavor) or VLM_FLAVOR (a "vlm" one)."""
+    return VLM_FLAVOR if w.decode_model == "vlm" else DECODE_FLAVOR
 
-    params = LLAMA_FLAVORS[DECODE_FLAVOR].num_params(include_embedding=False)
+
+def decode_image_tokens(w: Workload) -> int:
+    """Image placeholder tokens per prompt of a decode workload (one image of the flavor's tile size; 0 for Llama)."""
+    if w.decode_model != "vlm":
+        return 0
+    from titanmm.models.vlm.flavors import VLM_FLAVORS
+
+    args = VLM_FLAVORS[VLM_FLAVOR]  # CLIP-L/336: (336 / 14)^2 patches, the class token dropped, no pixel shuffle
+    return (args.image.tile_size // args.vision.patch_size) ** 2
+
+
+def decode_weight_stats(w: Workload | None = None) -> tuple[int, int]:
+    """(non-embedding parameters, weight bytes read per decode step in bf16) of the decode model (of a VLM: its
+    language model's; the vision tower and projector run in the prefill only). Default: decode_llama3_8b's."""
+    if w is not None and w.decode_model == "vlm":
+        from titanmm.models.vlm.flavors import VLM_FLAVORS
+
+        lm_args = VLM_FLAVORS[VLM_FLAVOR].lm
+    else:
+        from titanmm.models.llama import LLAMA_FLAVORS
+
+        lm_args = LLAMA_FLAVORS[DECODE_FLAVOR]
+    params = lm_args.num_params(include_embedding=False)
     return params, 2 * params
 
 
@@ -494,7 +537,7 @@ def _decode_side(rates: dict[int, dict], bound: float | None, flops_per_token: f
 
 def summarize_decode(w: Workload, outputs: dict[str, str], device: str) -> tuple[dict, dict, dict]:
     """(titanmm, peer, extra top-level fields: bandwidth, bound, per-batch ratios)."""
-    params, weight_bytes = decode_weight_stats()
+    params, weight_bytes = decode_weight_stats(w)
     peak = _peak(device)
     titanmm = peer = None
     bound = None
@@ -576,9 +619,17 @@ def summarize(w: Workload, outputs: dict[str, str], warmup: int, device: str, er
 def settings(w: Workload, steps: int, warmup: int, log_freq: int = 1) -> dict:
     """What both sides ran, for the results file."""
     if w.kind == "decode":
-        return {"model": DECODE_FLAVOR, "precision": "bf16", "greedy": True, "prompt_len": w.seq_len,
-                "new_tokens": DECODE_NEW_TOKENS, "batches": list(w.decode_batches), "warmup_calls": DECODE_WARMUP,
-                "timed_calls": DECODE_ITERS}
+        common = {"new_tokens": DECODE_NEW_TOKENS, "batches": list(w.decode_batches), "warmup_calls": DECODE_WARMUP,
+                  "timed_calls": DECODE_ITERS}
+        if w.decode_model == "vlm":
+            images = decode_image_tokens(w)
+            return {"model": VLM_FLAVOR, "peer_model": "transformers LlavaForConditionalGeneration (bench_hf.py's "
+                                                       "LLaVA dimensions, SDPA)",
+                    "precision": "bf16", "greedy": True, "prompt_len": 1 + images + w.seq_len,
+                    "prompt": f"bos + {images} image tokens (one CLIP-L/336 image) + {w.seq_len} random text tokens",
+                    "images_per_prompt": 1, "image_tokens": images, "text_tokens": w.seq_len,
+                    "peer_cache": "default", **common}
+        return {"model": DECODE_FLAVOR, "precision": "bf16", "greedy": True, "prompt_len": w.seq_len, **common}
     if w.kind == "vlm_sft":
         both = {"precision": "bf16 compute, fp32 parameters and gradient reduction (FSDP2)",
                 "activation_checkpointing": "none"}
@@ -741,6 +792,8 @@ def main(argv: list[str] | None = None) -> int:
 
     needs = {"lm": PEERS / "torchtitan" / "launch.py", "vlm": PEERS / "transformers" / "bench_hf.py",
              "decode": PEERS / "transformers" / "bench_hf.py"}.get(w.kind)  # vlm_sft: its peer is in benchmarks/
+    if w.kind == "decode" and w.decode_model == "vlm":
+        needs = None  # its peer is benchmarks/hf_llava_decode.py
     if args.only != "titanmm" and needs is not None and not (REPO / needs).exists():
         print(f"{needs} is missing: run `bash benchmarks/setup_peers.sh` (and carry .peers)", file=sys.stderr)
         return 2
@@ -817,6 +870,11 @@ def main(argv: list[str] | None = None) -> int:
             "loss: titanmm averages over the global batch's targets, transformers over each rank's. projector: "
             "titanmm's flavor has Megatron's 1024->14336->4096 MLP, transformers' LlavaMultiModalProjector "
             "1024->4096->4096. TFLOP/s/MFU: language model only, at each side's mean sample length")
+    if w.kind == "decode" and w.decode_model == "vlm":
+        result["notes"] = ("one image per prompt (bos + 576 image tokens + 128 text tokens), prefill included; "
+                           "projector: titanmm's flavor has Megatron's 1024->14336->4096 MLP, transformers' "
+                           "LlavaMultiModalProjector 1024->4096->4096 (prefill only). Weight bytes, the bandwidth "
+                           "bound and TFLOP/s count the language model only (2N per new token)")
     if w.kind == "vlm":
         result["notes"] = ("projector: titanmm's flavor has Megatron's 1024->14336->4096 MLP, transformers' "
                            "LlavaMultiModalProjector 1024->4096->4096; TFLOP/s/MFU count the language model only "

@@ -2,16 +2,24 @@
 
     python benchmarks/decode_throughput.py --flavor llama3_8b --batch 1 32 --prompt-len 128 --new-tokens 128 \
         [--warmup 2] [--iters 3] [--json OUT.json]
+    python benchmarks/decode_throughput.py --model vlm --flavor llava_mistral_7b_clip336 --batch 1 32 ...
 
 The model has random weights, built the way `titanmm.load` builds a checkpoint's (fp32 initialisation on the
 device, then cast to --dtype). Each batch gets random prompts of --prompt-len tokens; every generate call runs
 greedy decoding to --new-tokens new tokens (no EOS), prefill included. After --warmup untimed calls, the median
 of --iters timed calls gives new tokens/s = batch x new tokens / seconds per call.
 
+VLM mode (`--model vlm`, a `titanmm.models` "vlm" flavor): each prompt is one image, bos + the image's placeholder
+tokens (`image_token_id` x `model.tokens_per_tile(tile, tile)`, 576 for CLIP-L/336) + --prompt-len random text
+tokens, with random pixels [batch, 3, tile, tile] (one tile per row, in row order); the vision tower and projector
+run in the prefill only. The JSON then also has `model` "vlm", `image_tokens` and `prompt_tokens` (the whole
+prompt's length).
+
 Bandwidth bound: a device-to-device copy of a 4 GiB buffer (median of 10) measures the memory bandwidth (bytes
 read + written per second). Every decode step reads each weight once (the input embedding only by row), so one
 sequence cannot decode faster than bandwidth / weight bytes tokens/s; the fraction of that bound batch 1 reaches
-is printed and written (the KV cache reads, small at these lengths, are not counted).
+is printed and written (the KV cache reads, small at these lengths, are not counted). For a VLM the weights read
+per step are its language model's (the vision tower and projector run in the prefill only).
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from titanmm.generate import generate  # noqa: E402
-from titanmm.models.llama import LLAMA_FLAVORS, Transformer  # noqa: E402
+from titanmm.models import MODEL_SPECS  # noqa: E402
+from titanmm.models.llama import Transformer  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -60,36 +69,73 @@ def copy_bandwidth(device: torch.device, gib: float = 4.0, iters: int = 10) -> f
     return moved / statistics.median(times)
 
 
-def build_model(flavor: str, dtype: torch.dtype, device: torch.device) -> Transformer:
-    """A random-weight model of `flavor`, as titanmm.load builds one: fp32 init on the device, then cast."""
+def build_model(flavor: str, dtype: torch.dtype, device: torch.device, kind: str = "llama"):
+    """A random-weight model of `flavor` (of the `kind` family: "llama" or "vlm"), as titanmm.load builds one:
+    fp32 init on the device, then cast."""
+    spec = MODEL_SPECS[kind]
     with torch.device("meta"):
-        model = Transformer(LLAMA_FLAVORS[flavor])
+        model = spec.model_cls(spec.flavors[flavor])
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights(buffer_device=device)
     return model.to(dtype=dtype).eval()
 
 
-def weights_read(model: Transformer) -> tuple[int, int]:
-    """(parameters, bytes) of the weights one decode step reads: all but the input embedding table."""
-    embedding = model.tok_embeddings.weight
-    read = [p for p in model.parameters() if p is not embedding]
+def language_model(model) -> Transformer:
+    """The language model of a VLM (the model itself for an LM)."""
+    return model.lm if hasattr(model, "encode_images") else model
+
+
+def weights_read(model) -> tuple[int, int]:
+    """(parameters, bytes) of the weights one decode step reads: all of the language model's but the input
+    embedding table (a VLM's vision tower and projector run in the prefill only)."""
+    lm = language_model(model)
+    embedding = lm.tok_embeddings.weight
+    read = [p for p in lm.parameters() if p is not embedding]
     return sum(p.numel() for p in read), sum(p.numel() * p.element_size() for p in read)
 
 
-def time_batch(model: Transformer, batch: int, prompt_len: int, new_tokens: int, warmup: int, iters: int,
-               device: torch.device, compile: bool = False) -> dict:
+def image_tokens(model) -> int:
+    """Placeholder tokens of one image (one tile of the flavor's tile size); 0 for a language model."""
+    if not hasattr(model, "encode_images"):
+        return 0
+    size = model.args.image.tile_size
+    return model.tokens_per_tile(size, size)
+
+
+def make_inputs(model, batch: int, prompt_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prompts [batch, tokens], pixel_values [batch, 3, tile, tile] or None) of one batch, seeded by the batch.
+
+    LM: `prompt_len` random tokens per row. VLM: bos + one image's placeholder tokens + `prompt_len` random text
+    tokens (never the placeholder id) per row, and one random tile per row."""
     generator = torch.Generator().manual_seed(batch)
-    prompts = torch.randint(0, model.args.vocab_size - 1, (batch, prompt_len), generator=generator)
+    lm = language_model(model)
+    prompts = torch.randint(0, lm.args.vocab_size - 1, (batch, prompt_len), generator=generator)
+    if lm is model:
+        return prompts, None
+    image_token = model.args.image_token_id
+    prompts = torch.where(prompts == image_token, (image_token + 1) % lm.args.vocab_size, prompts)
+    bos = lm.args.bos_token_id if getattr(lm.args, "bos_token_id", None) is not None else 1
+    size = model.args.image.tile_size
+    prompts = torch.cat([torch.full((batch, 1), bos, dtype=torch.long),
+                         torch.full((batch, image_tokens(model)), image_token, dtype=torch.long), prompts], dim=1)
+    pixel_values = torch.randn(batch, 3, size, size, generator=generator)
+    weight = next(model.vision.parameters())
+    return prompts, pixel_values.to(device=device, dtype=weight.dtype)
+
+
+def time_batch(model, batch: int, prompt_len: int, new_tokens: int, warmup: int, iters: int,
+               device: torch.device, compile: bool = False) -> dict:
+    prompts, pixel_values = make_inputs(model, batch, prompt_len, device)
     for _ in range(warmup):
-        generate(model, prompts, max_new_tokens=new_tokens, compile=compile)
+        generate(model, prompts, pixel_values=pixel_values, max_new_tokens=new_tokens, compile=compile)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(iters):
         synchronize(device)
         start = time.perf_counter()
-        out = generate(model, prompts, max_new_tokens=new_tokens, compile=compile)
+        out = generate(model, prompts, pixel_values=pixel_values, max_new_tokens=new_tokens, compile=compile)
         synchronize(device)
         times.append(time.perf_counter() - start)
         if any(len(ids) != new_tokens for ids in out.token_ids):
@@ -100,32 +146,36 @@ def time_batch(model: Transformer, batch: int, prompt_len: int, new_tokens: int,
             "seconds_all_calls": times, "peak_mem_gib": peak}
 
 
-def profile_call(model: Transformer, batch: int, prompt_len: int, new_tokens: int, folder: Path,
+def profile_call(model, batch: int, prompt_len: int, new_tokens: int, folder: Path,
                  compile: bool = False) -> Path:
     """One more generate call (after the timed ones) under torch.profiler: writes the kernel time breakdown
     (`titanmm.utils.profiling.profile_breakdown`) and a Chrome trace to `folder`; returns the breakdown's path."""
     from titanmm.utils.profiling import profile_breakdown
 
-    generator = torch.Generator().manual_seed(batch)
-    prompts = torch.randint(0, model.args.vocab_size - 1, (batch, prompt_len), generator=generator)
+    prompts, pixel_values = make_inputs(model, batch, prompt_len, device=next(model.parameters()).device)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         with torch.profiler.record_function(f"ProfilerStep#decode_B{batch}"):
-            generate(model, prompts, max_new_tokens=new_tokens, compile=compile)
+            generate(model, prompts, pixel_values=pixel_values, max_new_tokens=new_tokens, compile=compile)
     folder.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(folder / f"decode_B{batch}_trace.json"))
     out = folder / f"decode_B{batch}_kernels.txt"
-    out.write_text(profile_breakdown(prof, f"generate, batch {batch}, {prompt_len} + {new_tokens} tokens") + "\n")
+    out.write_text(profile_breakdown(prof, f"generate, batch {batch}, {prompts.shape[1]} + {new_tokens} tokens")
+                   + "\n")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--flavor", default="llama3_8b", choices=sorted(LLAMA_FLAVORS))
+    parser.add_argument("--model", choices=["llama", "vlm"], default="llama",
+                        help="llama: a language model; vlm: a vision-language model, one image per prompt")
+    parser.add_argument("--flavor", default=None,
+                        help="a flavor of --model (default: llama3_8b; for vlm llava_mistral_7b_clip336)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=128,
+                        help="prompt tokens (VLM: the random text tokens after bos and the image's placeholders)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=2, help="untimed generate calls per batch")
     parser.add_argument("--iters", type=int, default=3, help="timed generate calls per batch (median)")
@@ -137,17 +187,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="profile one more call per batch: kernel breakdown and Chrome trace into DIR")
     args = parser.parse_args(argv)
+    flavors = MODEL_SPECS[args.model].flavors
+    if args.flavor is None:
+        args.flavor = "llama3_8b" if args.model == "llama" else "llava_mistral_7b_clip336"
+    if args.flavor not in flavors:
+        parser.error(f"--flavor {args.flavor!r} is not a {args.model} flavor; known: {sorted(flavors)}")
 
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     bandwidth = copy_bandwidth(device, gib=4.0 if device.type == "cuda" else 0.25)
-    model = build_model(args.flavor, DTYPES[args.dtype], device)
+    model = build_model(args.flavor, DTYPES[args.dtype], device, args.model)
+    n_image = image_tokens(model)
+    prompt_tokens = args.prompt_len + (1 + n_image if n_image else 0)
     params, nbytes = weights_read(model)
     bound = bandwidth / nbytes
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{name}: copy bandwidth {bandwidth / 1e9:,.0f} GB/s; {args.flavor} {args.dtype} weights read per step "
           f"{nbytes / 1e9:.2f} GB -> batch-1 bound {bound:,.1f} tok/s", flush=True)
+    if n_image:
+        print(f"prompts: bos + {n_image} image tokens + {args.prompt_len} text tokens = {prompt_tokens} tokens, "
+              f"one image per prompt", flush=True)
     batches = {}
     for batch in args.batch:
         r = time_batch(model, batch, args.prompt_len, args.new_tokens, args.warmup, args.iters, device, args.compile)
@@ -162,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"titanmm generate {args.flavor} B={batch}: {r['new_tokens_per_s']:,.1f} new tok/s "
               f"({r['seconds_per_call']:.2f} s per call of {args.new_tokens} tokens){bound_note}, peak {peak}",
               flush=True)
-    result = {"device": name, "flavor": args.flavor, "dtype": args.dtype, "compile": args.compile,
-              "prompt_len": args.prompt_len,
+    result = {"device": name, "model": args.model, "flavor": args.flavor, "dtype": args.dtype,
+              "compile": args.compile, "prompt_len": args.prompt_len, "image_tokens": n_image,
+              "prompt_tokens": prompt_tokens,
               "new_tokens": args.new_tokens, "warmup": args.warmup, "iters": args.iters,
               "hbm_copy_bytes_per_s": bandwidth, "params_read": params, "weight_bytes": nbytes,
               "bandwidth_bound_tokens_per_s": bound, "batches": batches}

@@ -21,7 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 ORDER = ("llama3_8b_proxy_bf16", "llama3_8b_proxy_fp8", "llama3_8b_bf16", "llama3_8b_fp8",
-         "llava_mistral_clip336_pretrain", "llava_mistral_clip336_sft", "decode_llama3_8b")
+         "llava_mistral_clip336_pretrain", "llava_mistral_clip336_sft", "decode_llama3_8b",
+         "decode_llava_mistral_clip336")
 COLUMNS = ("workload", "GPUs", "titanmm tokens/s/GPU", "peer", "peer tokens/s/GPU", "titanmm / peer",
            "MFU titanmm / peer", "peak memory titanmm / peer", "notes", "measured")
 

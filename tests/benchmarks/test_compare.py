@@ -161,6 +161,10 @@ def test_dry_run_prints_both_sides(workload, capsys):
         assert "bench_hf.py llava 8" in out
     elif w.kind == "vlm_sft":  # details in test_compare_sft.py
         assert "# setup" in out and "hf_llava_sft.py" in out
+    elif w.decode_model == "vlm":  # details in test_hf_llava_decode.py
+        assert "decode_throughput.py --model vlm --flavor llava_mistral_7b_clip336 --batch 1 32" in out
+        assert "hf_llava_decode.py --batch 1 " in out and "hf_llava_decode.py --batch 32 " in out
+        assert "bench_hf.py" not in out
     else:
         assert "decode_throughput.py --flavor llama3_8b --batch 1 32" in out
         assert "bench_hf.py decode default 1" in out and "bench_hf.py decode default 32" in out
