@@ -44,6 +44,7 @@ Runs on CPU too (gloo, fp32 compute unless --cpu-bf16), one process without torc
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -278,6 +279,9 @@ def main(argv=None) -> dict:
     try:
         return run(args, rank, world, device)
     finally:
+        # The sharded model is cyclic garbage now: collect it while the interpreter is whole (a process group it
+        # keeps alive, destroyed during interpreter shutdown, can abort the process).
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import faulthandler
+import gc
 import json
 import os
 import socket
@@ -26,11 +28,13 @@ def gloo_process_group(rank: int, world_size: int, port: int):
     """A gloo process group for one worker of `torch.multiprocessing.spawn`, torn down in step with the others.
 
     A rank that destroys its group and exits while another is still inside a gloo call can abort that rank
-    natively ("terminate called without an active exception"), so ranks meet at a barrier first; faulthandler
-    makes any native abort print the worker's Python stack.
+    natively ("terminate called without an active exception"), so ranks meet at a barrier first. So can a group
+    that cyclic garbage (FSDP2's modules and their states) keeps alive until the interpreter shuts down: at exit,
+    before the shutdown, the garbage is collected. faulthandler makes any native abort print the Python stack.
     """
     import torch.distributed as dist
 
+    atexit.register(gc.collect)
     faulthandler.enable()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:

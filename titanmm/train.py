@@ -433,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer.train()
     finally:
+        # FSDP2's modules and their states form reference cycles that keep the process groups alive: collect them
+        # while the interpreter is whole, not during its shutdown (where gloo's threads can abort the process).
+        del trainer
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0

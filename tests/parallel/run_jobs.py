@@ -7,6 +7,7 @@ processes (importing torch) costs more than a tiny test run, so tests that need 
 the same number of ranks launch them together. A job that fails stops the launch.
 """
 
+import gc
 import json
 import os
 import sys
@@ -23,6 +24,7 @@ def main(path: str) -> None:
         config = load_config(job["config"], job["overrides"], world_size=int(os.environ["WORLD_SIZE"]))
         Trainer(config).train()
         dist.barrier()  # the next job's checkpoint loads may read what this one saved
+    gc.collect()  # the trainers' FSDP2 cycles hold process groups: free them now, not at interpreter shutdown
     dist.destroy_process_group()
 
 

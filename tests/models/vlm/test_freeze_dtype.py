@@ -10,6 +10,7 @@ On CPU the compute dtype is float32, so the trainings ask for bfloat16 explicitl
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -316,6 +317,7 @@ def _worker(path: str) -> None:
         dist.barrier()  # the next job may load what this one saved
     if spec["fsdp_checks"]:
         _fsdp_checks(Path(path).parent)
+    gc.collect()  # the trainers' FSDP2 cycles hold process groups: free them now, not at interpreter shutdown
     dist.destroy_process_group()
 
 
