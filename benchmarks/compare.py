@@ -91,8 +91,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from hf_llava_sft import RESULT_PREFIX as HF_SFT_RESULT  # noqa: E402
+from results_io import commit, last_json_line  # noqa: E402
 
 PEERS = Path(".peers")  # relative to the repository root, where every process runs
 TORCHTITAN = "torchtitan 0.2.2"
@@ -132,7 +136,6 @@ VLM_FLAVOR = "llava_mistral_7b_clip336"
 LLAMA3_VOCAB = 128256  # torchtitan takes its vocabulary size from the tokenizer: benchmarks/torchtitan_assets.py
 DECODE_FLAVOR, DECODE_NEW_TOKENS, DECODE_WARMUP, DECODE_ITERS = "llama3_8b", 128, 2, 3
 SFT_DATA_ROOT = Path(tempfile.gettempdir()) / "titanmm_llava_sft_data"  # kept between runs (llava_sft_data.py)
-HF_SFT_RESULT = "HF LLaVA SFT result:"  # benchmarks/hf_llava_sft.py's RESULT_PREFIX
 
 
 @dataclass
@@ -363,17 +366,6 @@ def parse_hf_decode(text: str) -> dict | None:
     return parsed
 
 
-def parse_hf_llava_sft(text: str) -> dict | None:
-    """`benchmarks/hf_llava_sft.py`'s result: the JSON of its last "HF LLaVA SFT result:" line, or None."""
-    for line in reversed(_ANSI.sub("", text).splitlines()):
-        if HF_SFT_RESULT in line:
-            try:
-                return json.loads(line.split(HF_SFT_RESULT, 1)[1])
-            except json.JSONDecodeError:
-                return None
-    return None
-
-
 def summarize_steps(records: list[dict], warmup: int, memory_key: str = "peak_mem_gib", log_freq: int = 1) -> dict:
     """Median tokens/s/GPU, TFLOP/s/GPU and MFU of the logged windows of `log_freq` steps that all come after
     `warmup`, and the largest `memory_key` (reported as peak_mem_gib) of those."""
@@ -468,7 +460,7 @@ def summarize_hf_llava(w: Workload, text: str, device: str) -> dict:
 def summarize_hf_llava_sft(text: str) -> dict:
     """The LLaVA SFT peer's side: samples/s/GPU, non-pad (tps_per_gpu) and padded tokens/s/GPU, ms/step, peak
     reserved (peak_mem_gib) and allocated memory, from its result line."""
-    hf = parse_hf_llava_sft(text)
+    hf = last_json_line(_ANSI.sub("", text), HF_SFT_RESULT)
     if hf is None:
         raise ValueError(f"no '{HF_SFT_RESULT} ...' line in the transformers output")
     return {"samples_per_s_per_gpu": hf["samples_per_s_per_gpu"], "tps_per_gpu": hf["tokens_per_s_per_gpu"],
@@ -659,20 +651,6 @@ def device_name() -> str:
 def device_slug(device: str, gpus: int) -> str:
     slug = re.sub(r"[^a-z0-9]+", "_", device.replace("NVIDIA ", "").lower()).strip("_")
     return slug + (f"x{gpus}" if gpus > 1 else "")
-
-
-def commit() -> str:
-    """TITANMM_COMMIT, else git's HEAD (+ "-dirty"), else what setup_peers.sh recorded in .peers/COMMIT."""
-    if os.environ.get("TITANMM_COMMIT"):
-        return os.environ["TITANMM_COMMIT"]
-    try:
-        head = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO, stderr=subprocess.DEVNULL).returncode
-        return head + ("-dirty" if dirty else "")
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        recorded = PEERS / "COMMIT"
-        return recorded.read_text().strip() if recorded.exists() else "unknown"
 
 
 def execute(run: Run, log, deadline: float | None) -> tuple[int, str, float]:

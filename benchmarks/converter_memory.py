@@ -26,12 +26,14 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from converters.common import (group_by_bytes, parse_size, shard_file_names, tensor_nbytes,  # noqa: E402
                                write_safetensors_streaming)
 from titanmm.checkpoint.hf_mapping import (hf_config_from_args, hf_names_for_export,  # noqa: E402
                                            titanmm_state_shapes, titanmm_to_hf_name)
 from titanmm.models.llama.args import TransformerArgs  # noqa: E402
+from results_io import commit  # noqa: E402
 
 # Runs a command and reports the peak RSS of its process tree as the last line of stdout.
 _WRAPPER = """
@@ -113,14 +115,6 @@ def spot_check(original: Path, exported: Path,
         torch.equal(read_hf_tensor(before[n]), read_hf_tensor(after[n])) for n in names)
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def dir_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
 
@@ -154,7 +148,7 @@ def main(argv=None) -> dict:
             shutil.rmtree(work, ignore_errors=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     result = {
-        "benchmark": "converter_memory", "date": now.isoformat(timespec="seconds"), "git_commit": git_commit(),
+        "benchmark": "converter_memory", "date": now.isoformat(timespec="seconds"), "git_commit": commit(),
         "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                  "torch": torch.__version__},
         "synthetic_model": {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,

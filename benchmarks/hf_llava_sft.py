@@ -242,17 +242,6 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def parse_result(text: str) -> dict | None:
-    """The last result line's JSON in a run's output, or None."""
-    for line in reversed(text.splitlines()):
-        if RESULT_PREFIX in line:
-            try:
-                return json.loads(line.split(RESULT_PREFIX, 1)[1])
-            except json.JSONDecodeError:
-                return None
-    return None
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="a folder written by benchmarks/llava_sft_data.py")

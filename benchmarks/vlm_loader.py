@@ -69,7 +69,7 @@ for _path in (REPO, REPO / "benchmarks"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from vlm_packing import device_description, git_commit, worktree_has_changes, write_results  # noqa: E402
+from results_io import commit, cpu_description, write_results  # noqa: E402
 
 STAGE1_SAMPLES_PER_S = 18.7  # LLaVA stage 1 on one H100 (batch 8, seq_len 1024), measured
 SFT_SAMPLES_PER_ROW, SFT_ROWS_PER_S = 4, 1.2  # LLaVA SFT at seq_len 4096 with packing, per H100 (estimate)
@@ -387,10 +387,9 @@ def main(argv=None) -> dict:
     out = {
         "workload": "vlm_loader: samples/s of the VLMData energon loader (JPEG decode, CLIP-336 / InternViT-448 "
                     "tiling, tokenization, packing) over COCO-like 640x480 JPEGs, per loader worker",
-        "device": device_description(),
+        "device": cpu_description(),
         "date": date,
-        "commit": git_commit(),
-        "worktree_has_changes": worktree_has_changes(),
+        "commit": commit(),
         "command": "python " + " ".join(["benchmarks/vlm_loader.py", *(sys.argv[1:] if argv is None else argv)]),
         "demand_per_gpu": {"llava_stage1_h100": STAGE1_SAMPLES_PER_S,
                            "llava_sft_seq4096_h100": SFT_SAMPLES_PER_ROW * SFT_ROWS_PER_S},

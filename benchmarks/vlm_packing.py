@@ -49,10 +49,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -62,7 +59,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from results_io import commit, cpu_description, write_results  # noqa: E402
 
 IMAGE_TOKENS = 576  # CLIP ViT-L/14 at 336 px: 24 x 24 patches, class token dropped (llava_mistral_7b_clip336)
 
@@ -230,39 +231,6 @@ def measure(lengths: np.ndarray, seq_len: int, buffer_size: int) -> dict:
     }
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def device_description() -> str:
-    import os
-
-    return f"cpu: {cpu_name()}, {os.cpu_count()} cores"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def worktree_has_changes() -> bool | None:
-    """Whether the git work tree differs from HEAD (the numbers are then of HEAD plus those changes)."""
-    try:
-        return bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                   stdout=subprocess.PIPE, text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def distribution_summary(lengths: np.ndarray, which: np.ndarray, parts: Sequence[Part]) -> dict:
     """Mean / percentiles of the sample lengths and each part's share and mean length."""
     percentiles = np.percentile(lengths, [5, 50, 95, 99]).round().astype(int).tolist()
@@ -312,10 +280,9 @@ def main(argv=None) -> dict:
         "workload": "vlm_packing: packing efficiency (non-pad token fraction) of VLMTaskEncoder.select_samples_to_pack "
                     "in energon's PackingDataset rounds, simulated LLaVA-665K SFT and LLaVA-558K caption lengths "
                     f"({IMAGE_TOKENS} image tokens per image)",
-        "device": device_description(),
+        "device": cpu_description(),
         "date": date,
-        "commit": git_commit(),
-        "worktree_has_changes": worktree_has_changes(),
+        "commit": commit(),
         "command": "python " + " ".join(["benchmarks/vlm_packing.py", *(sys.argv[1:] if argv is None else argv)]),
         "samples_per_distribution": args.samples,
         "seed": args.seed,
@@ -327,11 +294,6 @@ def main(argv=None) -> dict:
         write_results(out, Path(args.results_dir) / f"{date}_cpu_vlm_packing.json")
     return out
 
-
-def write_results(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ def load_benchmark(name: str):
     import importlib.util
 
     module_name = f"_titanmm_benchmarks_{name}"
+    if str(REPO / "benchmarks") not in sys.path:  # the scripts import each other, as when run from there
+        sys.path.insert(0, str(REPO / "benchmarks"))
     if module_name not in sys.modules:
         spec = importlib.util.spec_from_file_location(module_name, REPO / "benchmarks" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
