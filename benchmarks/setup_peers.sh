@@ -23,5 +23,9 @@ if ls .device-wheels/torchtitan-0.2.2-*.whl >/dev/null 2>&1 && ls .device-wheels
 else
   bash "$shared/device/wheels.sh" .device-wheels torchtitan==0.2.2 torchao==0.18.0 megatron-energon==7.4.1
 fi
+# energon's s3fs pins fsspec to its own release; the image's older fsspec counts as present for wheels.sh.
+s3fs=$(ls .device-wheels/s3fs-*.whl | head -1); s3fs=${s3fs##*/s3fs-}; s3fs=${s3fs%%-*}
+ls .device-wheels/fsspec-"$s3fs"-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps -d .device-wheels \
+    --python-version 3.12 --only-binary=:all: "fsspec==$s3fs"
 du -sh .peers .device-wheels
 du -sch .peers .device-wheels | tail -1

@@ -10,6 +10,7 @@ import torch
 from titanmm.models import MODEL_SPECS
 from titanmm.models.vlm import Projector, VisionLanguageModel, VLMArgs, pixel_shuffle
 from titanmm.models.vlm.flavors import PROJECTOR_PRESETS, VLM_FLAVORS
+from titanmm.parallel.context_parallel import image_feature_index
 
 
 def _brute_force_shuffle(x_bnc, h, w, version):
@@ -161,6 +162,30 @@ def test_placeholder_count_mismatch_is_an_error():
     ids[0, 1] = 5
     with pytest.raises(ValueError, match="image placeholder tokens"):
         model(ids, pixels)
+
+
+def test_merge_places_embeddings_in_order_with_masked_scatter_gradients():
+    """The index_copy merge (no host read of the placeholder count, forward or backward) equals masked_scatter,
+    values and gradients; the indexed merge (context parallelism) equals it on the whole sequence."""
+    model = _model("debug_vlm")
+    ids = torch.tensor([[1, 9, 9, 4, 9], [9, 3, 9, 9, 2]])
+    ids = torch.where(ids == 9, torch.full_like(ids, model.args.image_token_id), ids)
+    is_image = ids == model.args.image_token_id
+    h = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    images = torch.randn(int(is_image.sum()), 8, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 5, 8, dtype=torch.float64)
+    grads = []
+    for merge in (lambda: model.merge_image_embeddings(ids, h, images),
+                  lambda: h.masked_scatter(is_image.unsqueeze(-1), images),
+                  lambda: model.merge_indexed_image_embeddings(ids, h, images, image_feature_index(
+                      ids, model.args.image_token_id))):
+        out = merge()
+        grads.append((out.detach(), *torch.autograd.grad((out * weights).sum(), (h, images))))
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="past the 4 the images give"):
+        model.merge_indexed_image_embeddings(ids, h, images[:4], image_feature_index(ids, model.args.image_token_id))
 
 
 def test_args_round_trip_and_registry():

@@ -69,8 +69,9 @@ class VisionLanguageModel(nn.Module):
         else:
             images_nd = self.encode_images(pixel_values) if pixel_values is not None else None
             if image_feature_index is not None and images_nd is not None:
-                images_nd = images_nd[image_feature_index[input_ids == self.args.image_token_id]]
-            h_bsd = self.merge_image_embeddings(input_ids, h_bsd, images_nd)
+                h_bsd = self.merge_indexed_image_embeddings(input_ids, h_bsd, images_nd, image_feature_index)
+            else:
+                h_bsd = self.merge_image_embeddings(input_ids, h_bsd, images_nd)
         return self.lm.forward_embeddings(h_bsd, position_ids, document_ids)
 
     def encode_images(self, pixel_values_tchw: torch.Tensor) -> torch.Tensor:
@@ -96,7 +97,28 @@ class VisionLanguageModel(nn.Module):
             torch._assert_async(is_image_bs.sum() == num_embeddings, f"the batch's count of {mismatch}")
         if images_nd is None:
             return h_bsd
-        return h_bsd.masked_scatter(is_image_bs.unsqueeze(-1), images_nd.to(h_bsd.dtype))
+        # The rows that take an image embedding, by a count known on the host: no wait for the device here, nor in
+        # backward (masked_scatter's backward selects by the mask, which reads the count back).
+        rows_n = torch.nonzero_static(is_image_bs.flatten(), size=num_embeddings).squeeze(1)
+        return h_bsd.flatten(0, 1).index_copy(0, rows_n, images_nd.to(h_bsd.dtype)).view_as(h_bsd)
+
+    def merge_indexed_image_embeddings(self, input_ids: torch.Tensor, h_bsd: torch.Tensor, images_nd: torch.Tensor,
+                                       image_feature_index_bs: torch.Tensor) -> torch.Tensor:
+        """Image token (b, s) takes `images_nd[image_feature_index_bs[b, s]]` (a slice of the batch's sequence, as
+        under context parallelism, holds an unknown share of the images; text positions hold -1)."""
+        is_image_bs = input_ids == self.args.image_token_id
+        in_range = (image_feature_index_bs < images_nd.shape[0]).all()
+        message = (f"an image token takes an image embedding past the {images_nd.shape[0]} the images give; "
+                   f"the data pipeline must expand every image into exactly {self.tokens_per_tile_hint()} "
+                   f"placeholders per tile")
+        if in_range.device.type == "cpu":
+            if not bool(in_range):
+                raise ValueError(message)
+        else:
+            torch._assert_async(in_range, message)
+        rows_bs = image_feature_index_bs.clamp(min=0)
+        images_bsd = images_nd.to(h_bsd.dtype).index_select(0, rows_bs.flatten()).view_as(h_bsd)
+        return torch.where(is_image_bs.unsqueeze(-1), images_bsd, h_bsd)
 
     def patch_grid(self, height: int, width: int) -> tuple[int, int]:
         """(rows, columns) of patch features the vision tower returns for an H x W tile."""
