@@ -323,7 +323,9 @@ def run(args, rank: int, world: int, device: torch.device) -> dict:
     _sync(device)
     seconds = time.perf_counter() - started
     timed_steps = args.steps - args.warmup
+    counts = counts.to(device)  # NCCL reduces device tensors only
     dist.all_reduce(counts)
+    counts = counts.cpu()
     loss = loss.float()
     dist.all_reduce(loss)
     memory = torch.zeros(2, dtype=torch.float64)
