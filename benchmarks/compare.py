@@ -368,7 +368,7 @@ def parse_hf_decode(text: str) -> dict | None:
 
 def summarize_steps(records: list[dict], warmup: int, memory_key: str = "peak_mem_gib", log_freq: int = 1) -> dict:
     """Median tokens/s/GPU, TFLOP/s/GPU and MFU of the logged windows of `log_freq` steps that all come after
-    `warmup`, and the largest `memory_key` (reported as peak_mem_gib) of those."""
+    `warmup`, and the largest `memory_key` (reported as peak_mem_gib) and data_wait_pct (titanmm's) of those."""
     measured = [r for r in records if r["step"] - log_freq >= warmup]
     if not measured:
         raise ValueError(f"{len(records)} logged steps, none after the {warmup} warm-up steps")
@@ -378,9 +378,13 @@ def summarize_steps(records: list[dict], warmup: int, memory_key: str = "peak_me
         return statistics.median(values) if values else None
 
     memory = [r[memory_key] for r in measured if r.get(memory_key) is not None]
-    return {"tps_per_gpu": median("tps_per_gpu"), "tflops_per_gpu": median("tflops_per_gpu"), "mfu": median("mfu"),
-            "peak_mem_gib": max(memory) if memory else None, "measured_steps": len(measured),
-            "steps": [measured[0]["step"], measured[-1]["step"]]}
+    waits = [r["data_wait_pct"] for r in measured if r.get("data_wait_pct") is not None]  # titanmm's records
+    summary = {"tps_per_gpu": median("tps_per_gpu"), "tflops_per_gpu": median("tflops_per_gpu"), "mfu": median("mfu"),
+               "peak_mem_gib": max(memory) if memory else None, "measured_steps": len(measured),
+               "steps": [measured[0]["step"], measured[-1]["step"]]}
+    if waits:
+        summary["data_wait_pct"] = max(waits)
+    return summary
 
 
 def summarize_sft_windows(records: list[dict], warmup: int, gpus: int, log_freq: int = 1) -> dict:
@@ -390,8 +394,9 @@ def summarize_sft_windows(records: list[dict], warmup: int, gpus: int, log_freq:
     A window runs from the previous record's `time` to its own; those that start at or after the `warmup`-th step
     count (as in `summarize_steps`). Returns samples_per_s_per_gpu (their samples / their seconds / `gpus`),
     tps_per_gpu (non-pad tokens/s/GPU: tps_per_gpu x packing_efficiency, time-weighted), padded_tps_per_gpu,
-    packing_efficiency, ms_per_step, samples_per_step (over all GPUs), the largest peak_mem_gib (reserved) and
-    peak_allocated_gib of those windows, measured_steps and the first and last measured step."""
+    packing_efficiency, ms_per_step, samples_per_step (over all GPUs), the largest peak_mem_gib (reserved),
+    peak_allocated_gib and data_wait_pct (the trainer's host time waiting for batches) of those windows,
+    measured_steps and the first and last measured step."""
     windows = [(prev, cur) for prev, cur in zip(records, records[1:]) if cur["step"] - log_freq >= warmup]
     if not windows:
         raise ValueError(f"{len(records)} logged steps, no window after the {warmup} warm-up steps")
@@ -414,7 +419,8 @@ def summarize_sft_windows(records: list[dict], warmup: int, gpus: int, log_freq:
             "padded_tps_per_gpu": padded / total, "packing_efficiency": real / padded if padded else None,
             "ms_per_step": 1000 * total / steps, "samples_per_step": samples / steps,
             "peak_mem_gib": largest("peak_mem_gib"), "peak_allocated_gib": largest("peak_allocated_gib"),
-            "measured_steps": steps, "steps": [windows[0][1]["step"], windows[-1][1]["step"]]}
+            "data_wait_pct": largest("data_wait_pct"), "measured_steps": steps,
+            "steps": [windows[0][1]["step"], windows[-1][1]["step"]]}
 
 
 # ---------------------------------------------------------------------------------------------------------------

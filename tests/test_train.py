@@ -168,6 +168,26 @@ def test_host_reads_steps_only_when_logging(tmp_path, in_process, monkeypatch):
     assert trainer.train_state.step == 5 and trainer.train_state.total_nonfinite_skips == 3
 
 
+def test_data_wait_is_the_share_of_the_window_spent_fetching_batches(tmp_path, in_process, monkeypatch):
+    trainer = Trainer(load_config(str(REPO / "train_configs" / "debug_llama.toml"), [
+        f"--job.dump_folder={tmp_path}", "--training.steps=6", "--training.seq_len=64",
+        "--training.local_batch_size=2", "--metrics.log_freq=3", "--metrics.enable_tensorboard=false",
+        "--metrics.plot_loss=false"]))
+    fetch = trainer.data.microbatches
+
+    def slow_fetch(step):
+        if step >= 3:  # the second window: a loader that takes 0.3 s per batch
+            time.sleep(0.3)
+        return fetch(step)
+
+    monkeypatch.setattr(trainer.data, "microbatches", slow_fetch)
+    trainer.train()
+    records = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
+    window = records[6]["time"] - records[3]["time"]
+    assert records[3]["data_wait_pct"] < 50
+    assert records[6]["data_wait_pct"] == pytest.approx(100 * 0.9 / window, abs=10)
+
+
 @pytest.mark.parametrize("implementation", ["fused", "foreach"])  # skipped on the device / by the host
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, in_process, monkeypatch, implementation):
     config = load_config(str(REPO / "train_configs" / "debug_llama.toml"), [

@@ -362,17 +362,26 @@ class Trainer:
                     "The last good checkpoint is intact.")
         return [(loss, grad_norm) for loss, grad_norm, _ in values]
 
+    def data_wait_pct(self, data_seconds: float, window_seconds: float) -> float:
+        """The share (%) of a log window the host spent waiting for its next batch, on the slowest rank (a
+        collective). The host runs ahead of the GPU, so this bounds the GPU time lost to the data loader."""
+        slowest = all_reduce(torch.tensor(data_seconds, dtype=torch.float64, device=self.device),
+                             op=dist.ReduceOp.MAX).item()
+        return round(100 * slowest / window_seconds, 3) if window_seconds > 0 else 0.0
+
     def train(self) -> list[float]:
         """Run to training.steps; returns the losses of the steps run by this call."""
         cfg = self.config
         gc.disable()
         losses = []
-        tokens_since_log, time_last_log = 0, time.perf_counter()
+        tokens_since_log, time_last_log, data_seconds = 0, time.perf_counter(), 0.0
         self.profiler.start(self.train_state.step)
         try:
             while self.train_state.step < cfg.training.steps:
                 step_index = self.train_state.step  # 0-based index of the step being run
+                fetch_start = time.perf_counter()
                 micro_batches = self.data.microbatches(step_index)
+                data_seconds += time.perf_counter() - fetch_start
                 lr = self.schedulers[0].get_last_lr()[0]
                 self.train_step(micro_batches)
                 self.train_state.step += 1
@@ -393,9 +402,11 @@ class Trainer:
                     now = time.perf_counter()
                     self.metrics.log(step, loss=loss, grad_norm=grad_norm, lr=lr,
                                      tokens=tokens_since_log // self.world_size, seconds=now - time_last_log,
-                                     extra={"skipped_steps": self.train_state.total_nonfinite_skips, **eval_metrics,
+                                     extra={"skipped_steps": self.train_state.total_nonfinite_skips,
+                                            "data_wait_pct": self.data_wait_pct(data_seconds, now - time_last_log),
+                                            **eval_metrics,
                                             **(self.data.pop_metrics() if isinstance(self.data, VLMData) else {})})
-                    tokens_since_log, time_last_log = 0, now
+                    tokens_since_log, time_last_log, data_seconds = 0, now, 0.0
                 self.checkpoint.save(step, last=last or stop)
                 self.profiler.step(step)
                 if stop:
