@@ -53,6 +53,8 @@ KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("matmul", ("gemm", "cutlass", "cublas", "sm90_xmma", "nvjet", "_scaled_mm", "triton_tem_fused_mm",
                 "triton_tem_fused_addmm", "triton_tem_fused_bmm", "aten::mm", "aten::addmm", "aten::bmm",
                 "aten::linear", "aten::matmul", "mmbackward")),
+    # foreach copies (FSDP2's all-gather copy-in / copy-out and its dtype casts) before the other foreach kernels
+    ("copies/casts", ("copyfunctor", "aten::_foreach_copy_")),
     ("optimizer", ("multi_tensor_apply", "adam", "foreach", "optimizer.")),
     ("triton fused", ("triton_",)),
     ("copies/casts", ("memcpy", "memset", "copy_", "to_copy", "copy_kernel", "cast")),
@@ -71,6 +73,14 @@ def kernel_category(name: str) -> str:
         if any(p in lowered for p in patterns):
             return category
     return OTHER
+
+
+def _shortened(name: str, width: int = 120) -> str:
+    """A demangled kernel name without its argument list and namespace noise, cut to `width` characters: enough
+    to tell templated kernels apart (multi_tensor_apply_kernel<TensorListMetadata<4>, FusedAdamMathFunctor<...)."""
+    if ">(" in name:
+        name = name[:name.index(">(") + 1]
+    return name.replace("(anonymous namespace)::", "").replace("at::native::", "")[:width]
 
 
 def busy_time_us(intervals: list[tuple[float, float]]) -> float:
@@ -125,14 +135,14 @@ def kernel_breakdown(events: list[tuple[str, float, float]], wall_us: float, tit
         by_category[kernel_category(name)] += duration
         by_name[name][0] += 1
         by_name[name][1] += duration
-    for category in [c for c, _ in KERNEL_CATEGORIES] + [OTHER]:
+    for category in dict.fromkeys([c for c, _ in KERNEL_CATEGORIES if c != "copies/casts"] + ["copies/casts", OTHER]):
         us = by_category.get(category, 0.0)
         lines.append(f"{category:<16}{ms(us)} {pct(us, kernel_us):>10} {pct(us, wall_us):>8}")
     lines.append(f"{'idle':<16}{ms(idle_us)} {'':>10} {pct(idle_us, wall_us):>8}")
     top = sorted(by_name.items(), key=lambda item: -item[1][1])[:top_k]
     lines += ["", f"top {len(top)} {what}s by total time", f"{'ms':>10} {f'% {what}s':>10} {'calls':>7}  name"]
     for name, (calls, us) in top:
-        lines.append(f"{ms(us)} {pct(us, kernel_us):>10} {calls:>7}  {name[:100]}")
+        lines.append(f"{ms(us)} {pct(us, kernel_us):>10} {calls:>7}  {_shortened(name)}")
     return "\n".join(lines) + "\n"
 
 
