@@ -77,7 +77,7 @@ def test_kernel_breakdown_categories_idle_and_top_kernels():
     assert top[0].split()[-1] == "sm90_xmma_gemm_bf16" and top[0].split()[2] == "2"  # two calls, summed
     assert top[1].split()[-1].startswith("ncclDevKernel")
     assert max(len(line.split()[-1]) for line in top) == 120  # names cut at 120 characters
-    assert "x" * 101 not in text
+    assert "x" * 121 not in text
 
 
 def test_kernel_breakdown_on_cpu_says_so():
@@ -215,3 +215,13 @@ def test_config_errors_name_the_key(overrides, message):
 def test_memory_snapshots_alone_may_use_any_profile_freq():
     config = load_config(DEBUG_CONFIG, ["--profiling.enable_memory_snapshot=true", "--profiling.profile_freq=1"])
     assert config.profiling.profile_freq == 1
+
+
+def test_top_kernel_names_drop_arguments_and_namespace_noise():
+    from titanmm.utils.profiling import _shortened
+
+    name = ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+            "TensorListMetadata<2>, at::native::(anonymous namespace)::CopyFunctor<c10::BFloat16, float, 2, 1, 1>, "
+            "at::native::Identity<float>>(at::native::(anonymous namespace)::TensorListMetadata<2>, int)")
+    assert _shortened(name) == ("void multi_tensor_apply_kernel<TensorListMetadata<2>, CopyFunctor<c10::BFloat16, "
+                                "float, 2, 1, 1>, Identity<float>>")
