@@ -39,7 +39,6 @@ if str(REPO) not in sys.path:
 
 from titanmm.generate import generate  # noqa: E402
 from titanmm.models import MODEL_SPECS  # noqa: E402
-from titanmm.models.attention import set_decode_attention_kernel  # noqa: E402
 from titanmm.models.llama import Transformer  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -184,8 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true",
                         help="compiled decode step (CUDA graphs on GPU; titanmm.generate compile=True)")
-    parser.add_argument("--decode-attention", choices=["sdpa", "matmul"], default="sdpa",
-                        help="the one-query attention kernel (titanmm.models.attention.set_decode_attention_kernel)")
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="profile one more call per batch: kernel breakdown and Chrome trace into DIR")
@@ -196,7 +193,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.flavor not in flavors:
         parser.error(f"--flavor {args.flavor!r} is not a {args.model} flavor; known: {sorted(flavors)}")
 
-    set_decode_attention_kernel(args.decode_attention)
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -227,8 +223,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({r['seconds_per_call']:.2f} s per call of {args.new_tokens} tokens){bound_note}, peak {peak}",
               flush=True)
     result = {"device": name, "model": args.model, "flavor": args.flavor, "dtype": args.dtype,
-              "compile": args.compile, "decode_attention": args.decode_attention, "prompt_len": args.prompt_len,
-              "image_tokens": n_image,
+              "compile": args.compile, "prompt_len": args.prompt_len, "image_tokens": n_image,
               "prompt_tokens": prompt_tokens,
               "new_tokens": args.new_tokens, "warmup": args.warmup, "iters": args.iters,
               "hbm_copy_bytes_per_s": bandwidth, "params_read": params, "weight_bytes": nbytes,

@@ -3,6 +3,7 @@
 * `commit()` - the titanmm commit measured (on a GPU machine, whose copy of the tree has no .git, the one
   benchmarks/setup_peers.sh recorded);
 * `cpu_description()` - the device line of a CPU benchmark;
+* `command_line()` - how a benchmark script was invoked, for its results file;
 * `write_results()` - a results file in benchmarks/results/ (JSON);
 * `last_json_line()` - the JSON a child process printed after a marker, for the script that launched it.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import subprocess
 from pathlib import Path
 
@@ -44,6 +46,11 @@ def cpu_description() -> str:
     except OSError:
         pass
     return f"cpu: {name}, {os.cpu_count()} cores"
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """"python benchmarks/<script> ARGS": `argv` as given to the script's main(), else the process's arguments."""
+    return "python " + " ".join([f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def write_results(results: dict, path: Path) -> None:

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "benchmarks") not in sys.path:
     sys.path.insert(0, str(REPO / "benchmarks"))
 
-from results_io import commit  # noqa: E402
+from results_io import command_line, commit  # noqa: E402
 
 
 def device_name() -> str:
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     result = {
         "workload": args.workload, "device": device, "gpus": args.nproc,
         "date": datetime.date.today().isoformat(), "commit": commit(),
-        "command": "python " + " ".join(["benchmarks/train_throughput.py", *(argv or sys.argv[1:])]),
+        "command": command_line("train_throughput.py", argv),
         "titanmm": {"tps_per_gpu": median("tps_per_gpu"), "tflops_per_gpu": median("tflops_per_gpu"),
                     "mfu": median("mfu"), "peak_mem_gib": max(r.get("peak_mem_gib") or 0 for r in records),
                     "final_loss": records[-1]["loss"], "measured_steps": len(measured)},

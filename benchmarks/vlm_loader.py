@@ -69,7 +69,7 @@ for _path in (REPO, REPO / "benchmarks"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from results_io import commit, cpu_description, write_results  # noqa: E402
+from results_io import command_line, commit, cpu_description, write_results  # noqa: E402
 
 STAGE1_SAMPLES_PER_S = 18.7  # LLaVA stage 1 on one H100 (batch 8, seq_len 1024), measured
 SFT_SAMPLES_PER_ROW, SFT_ROWS_PER_S = 4, 1.2  # LLaVA SFT at seq_len 4096 with packing, per H100 (estimate)
@@ -390,7 +390,7 @@ def main(argv=None) -> dict:
         "device": cpu_description(),
         "date": date,
         "commit": commit(),
-        "command": "python " + " ".join(["benchmarks/vlm_loader.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command_line("vlm_loader.py", argv),
         "demand_per_gpu": {"llava_stage1_h100": STAGE1_SAMPLES_PER_S,
                            "llava_sft_seq4096_h100": SFT_SAMPLES_PER_ROW * SFT_ROWS_PER_S},
         "data": {k: v for k, v in data.items() if k != "paths"},

@@ -63,7 +63,7 @@ for _path in (REPO, REPO / "benchmarks"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from results_io import commit, cpu_description, write_results  # noqa: E402
+from results_io import command_line, commit, cpu_description, write_results  # noqa: E402
 
 IMAGE_TOKENS = 576  # CLIP ViT-L/14 at 336 px: 24 x 24 patches, class token dropped (llava_mistral_7b_clip336)
 
@@ -283,7 +283,7 @@ def main(argv=None) -> dict:
         "device": cpu_description(),
         "date": date,
         "commit": commit(),
-        "command": "python " + " ".join(["benchmarks/vlm_packing.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command_line("vlm_packing.py", argv),
         "samples_per_distribution": args.samples,
         "seed": args.seed,
         "default_packing_buffer_size": Multimodal().packing_buffer_size,

@@ -4,18 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from titanmm.models.attention import causal_attention, set_decode_attention_kernel
-
-
-@pytest.fixture(params=["sdpa", "matmul"])
-def decode_kernel(request):
-    set_decode_attention_kernel(request.param)
-    yield request.param
-    set_decode_attention_kernel("sdpa")
+from titanmm.models.attention import causal_attention
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (32, 8), (4, 1)])
-def test_one_query_gqa_equals_enable_gqa(heads, kv_heads, decode_kernel):
+def test_one_query_gqa_equals_enable_gqa(heads, kv_heads):
     torch.manual_seed(0)
     batch, slots, head_dim = 3, 37, 16
     q = torch.randn(batch, heads, 1, head_dim, dtype=torch.float64)
@@ -28,8 +21,3 @@ def test_one_query_gqa_equals_enable_gqa(heads, kv_heads, decode_kernel):
     # a query laid out as the model makes it ([B, 1, H, D] transposed) gives the same
     q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)
     torch.testing.assert_close(causal_attention(q_strided, k, v, key_valid), expected, rtol=1e-12, atol=1e-12)
-
-
-def test_unknown_decode_kernel_is_an_error():
-    with pytest.raises(ValueError, match="expected 'sdpa' or 'matmul'"):
-        set_decode_attention_kernel("flash")

@@ -78,28 +78,9 @@ def _decode_attention(q_bh1d: torch.Tensor, k_bkld: torch.Tensor, v_bkld: torch.
     key/value head kv, as `enable_gqa` does). Plain attention then reads each key/value head once, where
     `enable_gqa` with a mask takes the math kernel, which first copies every key/value head G times."""
     b, h, _, d = q_bh1d.shape
-    q_bkgd = q_bh1d.reshape(b, k_bkld.shape[1], h // k_bkld.shape[1], d)
-    if _decode_kernel == "matmul":
-        scores_bkgl = torch.matmul(q_bkgd, k_bkld.transpose(-1, -2)).to(
-            torch.promote_types(q_bkgd.dtype, torch.float32)) * d ** -0.5
-        scores_bkgl = scores_bkgl.masked_fill(~mask_b11l, float("-inf")) if mask_b11l.dtype == torch.bool \
-            else scores_bkgl + mask_b11l
-        out_bkgd = torch.matmul(scores_bkgl.softmax(dim=-1).to(v_bkld.dtype), v_bkld)
-    else:
-        out_bkgd = F.scaled_dot_product_attention(q_bkgd, k_bkld, v_bkld, attn_mask=mask_b11l)
+    out_bkgd = F.scaled_dot_product_attention(q_bh1d.reshape(b, k_bkld.shape[1], h // k_bkld.shape[1], d),
+                                              k_bkld, v_bkld, attn_mask=mask_b11l)
     return out_bkgd.reshape(b, h, 1, d)
-
-
-_decode_kernel = "sdpa"
-
-
-def set_decode_attention_kernel(name: str) -> None:
-    """How one query per row attends (decoding): "sdpa" (scaled_dot_product_attention's choice of kernel) or
-    "matmul" (two batched matmuls around a float32 softmax)."""
-    global _decode_kernel
-    if name not in ("sdpa", "matmul"):
-        raise ValueError(f"decode attention kernel {name!r}: expected 'sdpa' or 'matmul'")
-    _decode_kernel = name
 
 
 class CausalAttentionKernel(nn.Module):

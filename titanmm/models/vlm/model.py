@@ -31,6 +31,16 @@ def build_vision_encoder(name: str, args) -> nn.Module:
     return get_model_spec(name).model_cls(args)
 
 
+def _require(ok: torch.Tensor, message: str) -> None:
+    """ValueError(message) unless the boolean scalar `ok`; on an accelerator asserted on the device instead (reading
+    it on the host would wait for the previous step)."""
+    if ok.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok, message)
+
+
 class VisionLanguageModel(nn.Module):
     def __init__(self, args: VLMArgs):
         super().__init__()
@@ -86,15 +96,10 @@ class VisionLanguageModel(nn.Module):
         """Put the image embeddings, in order, where `input_ids == image_token_id`."""
         is_image_bs = input_ids == self.args.image_token_id
         num_embeddings = 0 if images_nd is None else images_nd.shape[0]
-        mismatch = (f"image placeholder tokens (id {self.args.image_token_id}) but the images give {num_embeddings} "
-                    f"embeddings; the data pipeline must expand every image into exactly "
-                    f"{self.tokens_per_tile_hint()} placeholders per tile")
-        if is_image_bs.device.type == "cpu":
-            num_placeholders = int(is_image_bs.sum())
-            if num_placeholders != num_embeddings:
-                raise ValueError(f"the batch has {num_placeholders} {mismatch}")
-        else:  # checked on the device: reading the count on the host would wait for the previous step
-            torch._assert_async(is_image_bs.sum() == num_embeddings, f"the batch's count of {mismatch}")
+        _require(is_image_bs.sum() == num_embeddings,
+                 f"the batch's count of image placeholder tokens (id {self.args.image_token_id}) differs from the "
+                 f"{num_embeddings} embeddings the images give; the data pipeline must expand every image into "
+                 f"exactly {self.tokens_per_tile_hint()} placeholders per tile")
         if images_nd is None:
             return h_bsd
         # The rows that take an image embedding, by a count known on the host: no wait for the device here, nor in
@@ -107,15 +112,9 @@ class VisionLanguageModel(nn.Module):
         """Image token (b, s) takes `images_nd[image_feature_index_bs[b, s]]` (a slice of the batch's sequence, as
         under context parallelism, holds an unknown share of the images; text positions hold -1)."""
         is_image_bs = input_ids == self.args.image_token_id
-        in_range = (image_feature_index_bs < images_nd.shape[0]).all()
-        message = (f"an image token takes an image embedding past the {images_nd.shape[0]} the images give; "
-                   f"the data pipeline must expand every image into exactly {self.tokens_per_tile_hint()} "
-                   f"placeholders per tile")
-        if in_range.device.type == "cpu":
-            if not bool(in_range):
-                raise ValueError(message)
-        else:
-            torch._assert_async(in_range, message)
+        _require((image_feature_index_bs < images_nd.shape[0]).all(),
+                 f"an image token takes an image embedding past the {images_nd.shape[0]} the images give; the data "
+                 f"pipeline must expand every image into exactly {self.tokens_per_tile_hint()} placeholders per tile")
         rows_bs = image_feature_index_bs.clamp(min=0)
         images_bsd = images_nd.to(h_bsd.dtype).index_select(0, rows_bs.flatten()).view_as(h_bsd)
         return torch.where(is_image_bs.unsqueeze(-1), images_bsd, h_bsd)
