@@ -186,6 +186,7 @@ def generate(model, prompts: Sequence[Sequence[int]] | torch.Tensor, *, pixel_va
     if config.stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer")
     lm = _language_model(model)
+    lm.fuse_qkv_projections()
     device = lm.tok_embeddings.weight.device
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
@@ -367,6 +368,12 @@ def _decode_compiled(lm, state: _StaticDecodeBuffers, logits_bv: torch.Tensor, n
     state.tokens.copy_(torch.where(state.done, state.pad, tokens)[:, None])
     state.positions.copy_(next_positions)
     state.cache.make_static()
+    from torch import _dynamo
+
+    for tensor in (state.tokens, state.positions, state.done, state.cache.key_valid, *state.cache.k, *state.cache.v):
+        # The batch size stays a constant of the compiled step (one compile per batch size; the cache length
+        # may become dynamic): compile's flash-decoding attention kernel is only made for a static batch.
+        _dynamo.mark_static(tensor, 0)
     step_fn = _compiled_step(device)
     cuda = device.type == "cuda"
     host = torch.empty(steps, len(rows.done), dtype=torch.long, pin_memory=cuda)

@@ -93,3 +93,39 @@ def test_published_sizes():
     assert abs(billions["yi_34b"] - 34.39) < 0.01
     assert abs(billions["qwen2_72b"] - 72.71) < 0.01
     assert abs(billions["qwen2.5_7b"] - 7.62) < 0.01
+
+
+@pytest.mark.parametrize("flavor", ["debug_llama3.1", "debug_qwen2"])  # Qwen2: with q/k/v biases
+def test_fused_qkv_projection(flavor):
+    """fuse_qkv_projections (inference): the same logits without gradients, wq/wk/wv stay the same Parameter
+    objects (views of the fused weight: an in-place update reaches both), the state dict is unchanged, passes
+    with gradients still reach wq/wk/wv, and a replaced weight is noticed and fused again."""
+    torch.manual_seed(0)
+    model = Transformer(LLAMA_FLAVORS[flavor]).to(torch.float64)
+    model.init_weights(seed=1)
+    ids = torch.randint(3, 2048, (2, 24))
+    with torch.no_grad():
+        expected = model(ids)
+    params_before = dict(model.named_parameters())
+    keys_before = list(model.state_dict())
+    with torch.inference_mode():  # generate fuses inside inference mode
+        model.fuse_qkv_projections()
+    attention = model.layers["0"].attention
+    assert attention.qkv_fused() and not attention.wqkv_weight.is_inference()
+    assert dict(model.named_parameters()).keys() == params_before.keys()
+    assert all(p is params_before[n] for n, p in model.named_parameters())
+    assert list(model.state_dict()) == keys_before
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), expected, rtol=1e-12, atol=1e-12)
+        attention.wk.weight.mul_(0.5)  # e.g. an optimizer step
+        assert torch.equal(attention.wqkv_weight[attention.wq.weight.shape[0]:][:attention.wk.weight.shape[0]],
+                           attention.wk.weight)
+        fused_after_update = model(ids)
+    logits = model(ids)  # with gradients: the three projections, the same numbers
+    torch.testing.assert_close(logits.detach(), fused_after_update, rtol=1e-12, atol=1e-12)
+    logits.logsumexp(-1).mean().backward()
+    assert attention.wk.weight.grad is not None and attention.wq.weight.grad.abs().sum() > 0
+    model.to(torch.float32)  # new tensors: the sharing ends and is found so
+    assert not attention.qkv_fused()
+    model.fuse_qkv_projections()
+    assert attention.qkv_fused()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from titanmm.models import init
 from titanmm.models.attention import AttentionMask, CausalAttentionKernel, document_mask
@@ -28,22 +29,59 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kernel = CausalAttentionKernel()
+        # Inference only (see `fuse_qkv`): wq, wk, wv as views of one [q + k + v, dim] weight.
+        self.register_buffer("wqkv_weight", None, persistent=False)
+        self.register_buffer("wqkv_bias", None, persistent=False)
 
     def forward(self, x_bsd: torch.Tensor, rope_bs2d: torch.Tensor, mask: AttentionMask | None,
                 cache: LayerKVCache | None = None) -> torch.Tensor:
         """`cache` (inference only): this layer's KV cache; the new keys / values are written into it
         and the queries attend over everything cached so far (`mask` then comes from the cache)."""
         bs, seq, _ = x_bsd.shape
+        if self.wqkv_weight is not None and not torch.is_grad_enabled():  # one matmul (fuse_qkv)
+            q, k, v = F.linear(x_bsd, self.wqkv_weight, self.wqkv_bias).split(self._qkv_sizes(), dim=-1)
+        else:
+            q, k, v = self.wq(x_bsd), self.wk(x_bsd), self.wv(x_bsd)
         # Head counts come from the tensors: under tensor parallelism each rank holds a subset.
-        q = self.wq(x_bsd).view(bs, seq, -1, self.head_dim)
-        k = self.wk(x_bsd).view(bs, seq, -1, self.head_dim)
-        v = self.wv(x_bsd).view(bs, seq, -1, self.head_dim)
+        q = q.view(bs, seq, -1, self.head_dim)
+        k = k.view(bs, seq, -1, self.head_dim)
+        v = v.view(bs, seq, -1, self.head_dim)
         q, k = apply_rope(q, k, rope_bs2d)
         k_bhsd, v_bhsd = k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k_bhsd, v_bhsd = cache.update(k_bhsd, v_bhsd)
         out = self.kernel(q.transpose(1, 2), k_bhsd, v_bhsd, mask)
         return self.wo(out.transpose(1, 2).reshape(bs, seq, -1))
+
+    def _qkv_sizes(self) -> list[int]:
+        return [self.wq.weight.shape[0], self.wk.weight.shape[0], self.wv.weight.shape[0]]
+
+    def qkv_fused(self) -> bool:
+        """Whether wq, wk and wv are (still) views of `wqkv_weight`: replacing a weight (`to()`, loading with
+        assign=True) ends the sharing, and `fuse_qkv` must run again."""
+        fused = self.wqkv_weight
+        return fused is not None and all(
+            w.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+            for w in (self.wq.weight, self.wk.weight, self.wv.weight))
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """For inference: store wq, wk and wv (and their biases) in one [q + k + v, dim] tensor, of which the three
+        weights become views (the same Parameter objects, so in-place updates such as an optimizer step keep
+        both in step), so that passes without gradients project q, k and v in one matmul: at batch 32 Llama 3
+        8B's k and v projections alone run at half the memory bandwidth of the fused one. Passes that record
+        gradients keep the three projections. Plain tensors only (not tensor-parallel or FSDP DTensors)."""
+        with torch.inference_mode(False):  # real tensors, which training may still update in place
+            for name, linears in (("wqkv_weight", "weight"), ("wqkv_bias", "bias")):
+                parts = [getattr(linear, linears) for linear in (self.wq, self.wk, self.wv)]
+                if parts[0] is None:
+                    continue
+                fused = torch.cat([p.detach() for p in parts])
+                offset = 0
+                for p in parts:
+                    p.data = fused[offset:offset + p.shape[0]]
+                    offset += p.shape[0]
+                setattr(self, name, fused)
 
 
 class FeedForward(nn.Module):
@@ -131,6 +169,13 @@ class Transformer(nn.Module):
             cache.advance(h_bsd.shape[1])
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
+
+    def fuse_qkv_projections(self) -> None:
+        """`Attention.fuse_qkv` in every block whose weights are plain tensors and not fused yet (inference)."""
+        for layer in self.layers.values():
+            attention = layer.attention
+            if not isinstance(attention.wq.weight, DTensor) and not attention.qkv_fused():
+                attention.fuse_qkv()
 
     def tie_weights(self) -> None:
         """Re-share the embedding with the output layer (moving or sharding parameters unties them)."""
