@@ -167,6 +167,16 @@ def profile_call(model, batch: int, prompt_len: int, new_tokens: int, folder: Pa
     return out
 
 
+def _without_fused_qkv():
+    from titanmm.models.llama.model import Transformer
+
+    Transformer.fuse_qkv_projections = lambda self: None
+
+
+ABLATIONS = {"fused_qkv": _without_fused_qkv}
+"""--without NAME: fused_qkv = q, k and v in three matmuls."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["llama", "vlm"], default="llama",
@@ -186,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="profile one more call per batch: kernel breakdown and Chrome trace into DIR")
+    parser.add_argument("--without", nargs="+", default=[], choices=sorted(ABLATIONS),
+                        help="ablations: turn these decoding optimisations off (measures what each brings)")
     args = parser.parse_args(argv)
+    for name in args.without:
+        ABLATIONS[name]()
     flavors = MODEL_SPECS[args.model].flavors
     if args.flavor is None:
         args.flavor = "llama3_8b" if args.model == "llama" else "llava_mistral_7b_clip336"

@@ -368,12 +368,6 @@ def _decode_compiled(lm, state: _StaticDecodeBuffers, logits_bv: torch.Tensor, n
     state.tokens.copy_(torch.where(state.done, state.pad, tokens)[:, None])
     state.positions.copy_(next_positions)
     state.cache.make_static()
-    from torch import _dynamo
-
-    for tensor in (state.tokens, state.positions, state.done, state.cache.key_valid, *state.cache.k, *state.cache.v):
-        # The batch size stays a constant of the compiled step (one compile per batch size; the cache length
-        # may become dynamic): compile's flash-decoding attention kernel is only made for a static batch.
-        _dynamo.mark_static(tensor, 0)
     step_fn = _compiled_step(device)
     cuda = device.type == "cuda"
     host = torch.empty(steps, len(rows.done), dtype=torch.long, pin_memory=cuda)

@@ -21,21 +21,3 @@ def test_one_query_gqa_equals_enable_gqa(heads, kv_heads):
     # a query laid out as the model makes it ([B, 1, H, D] transposed) gives the same
     q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)
     torch.testing.assert_close(causal_attention(q_strided, k, v, key_valid), expected, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (32, 8)])
-def test_flex_decode_attention_equals_sdpa(heads, kv_heads):
-    """The FlexAttention form that compiled GPU decode steps take (run here through flex_attention's eager
-    reference) equals SDPA with the boolean mask."""
-    from titanmm.models.attention import _flex_decode_attention
-
-    torch.manual_seed(0)
-    batch, slots, head_dim = 3, 128, 16
-    q = torch.randn(batch, heads, 1, head_dim, dtype=torch.float64)
-    k = torch.randn(batch, kv_heads, slots, head_dim, dtype=torch.float64)
-    v = torch.randn(batch, kv_heads, slots, head_dim, dtype=torch.float64)
-    key_valid = torch.rand(batch, 1, 1, slots) > 0.3
-    key_valid[..., 60] = True  # the query's own slot; everything after it is masked, as in static decoding
-    key_valid[..., 61:] = False
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid, enable_gqa=True)
-    torch.testing.assert_close(_flex_decode_attention(q, k, v, key_valid), expected, rtol=1e-10, atol=1e-10)

@@ -78,25 +78,9 @@ def _decode_attention(q_bh1d: torch.Tensor, k_bkld: torch.Tensor, v_bkld: torch.
     key/value head kv, as `enable_gqa` does). Plain attention then reads each key/value head once, where
     `enable_gqa` with a mask takes the math kernel, which first copies every key/value head G times."""
     b, h, _, d = q_bh1d.shape
-    if q_bh1d.is_cuda and torch.compiler.is_compiling():
-        return _flex_decode_attention(q_bh1d, k_bkld, v_bkld, mask_b11l)
     out_bkgd = F.scaled_dot_product_attention(q_bh1d.reshape(b, k_bkld.shape[1], h // k_bkld.shape[1], d),
                                               k_bkld, v_bkld, attn_mask=mask_b11l)
     return out_bkgd.reshape(b, h, 1, d)
-
-
-def _flex_decode_attention(q_bh1d: torch.Tensor, k_bkld: torch.Tensor, v_bkld: torch.Tensor,
-                           mask_b11l: torch.Tensor) -> torch.Tensor:
-    """The same inside a compiled GPU decode step, as FlexAttention: with one query per row compile emits its
-    flash-decoding kernel (the keys split over the SMs, the query heads of a key/value head in one block),
-    a few microseconds per layer where SDPA's prefill-shaped tiles take ~20 at batch 32. The mask enters as
-    a score modification: masked keys score -inf."""
-    keep_bl = mask_b11l[:, 0, 0]
-
-    def masked_out(score, b, h, q_idx, kv_idx):
-        return torch.where(keep_bl[b, kv_idx], score, -float("inf"))
-
-    return flex_attention(q_bh1d, k_bkld, v_bkld, score_mod=masked_out, enable_gqa=True)
 
 
 class CausalAttentionKernel(nn.Module):
