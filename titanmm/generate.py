@@ -48,8 +48,8 @@ CLI: `python -m titanmm.generate --checkpoint C --prompt "..." [--image PATH ...
 `main`); under `torchrun --nproc_per_node N` the model is tensor-parallel over the N ranks and rank 0
 prints.
 
-Not done: pipelined inference, continuous batching, speculative decoding, a compiled prefill; prefill
-computes logits for every prompt position.
+Not done: pipelined inference, continuous batching, speculative decoding, a compiled prefill (the prefill
+computes the logits of the last prompt position only).
 """
 
 from __future__ import annotations
@@ -157,7 +157,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
 @torch.inference_mode()
 def prefill(model, ids_bs: torch.Tensor, attention_mask_bs: torch.Tensor, cache: KVCache,
             pixel_values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the left-padded prompts through the model into `cache`. Returns (logits [B, S, V], positions [B, S])."""
+    """Run the left-padded prompts through the model into `cache`. Returns (the last position's logits [B, V],
+    positions [B, S])."""
     lm = _language_model(model)
     positions = (attention_mask_bs.long().cumsum(-1) - 1).clamp(min=0)
     cache.set_padding(attention_mask_bs)
@@ -170,7 +171,7 @@ def prefill(model, ids_bs: torch.Tensor, attention_mask_bs: torch.Tensor, cache:
         h = model.merge_image_embeddings(ids_bs, h, images)
     elif pixel_values is not None:
         raise ValueError("pixel_values were given but the model is a language model without a vision tower")
-    return lm.forward_embeddings(h, positions, cache=cache), positions
+    return lm.forward_embeddings(h, positions, cache=cache, last_position_only=True)[:, -1], positions
 
 
 @torch.inference_mode()
@@ -201,7 +202,6 @@ def generate(model, prompts: Sequence[Sequence[int]] | torch.Tensor, *, pixel_va
     else:
         cache = KVCache.for_model(lm, batch, seq + max(config.max_new_tokens, 1))
     logits, positions = prefill(model, ids, mask, cache, pixel_values)
-    logits = logits[:, -1]
     next_positions = positions[:, -1:] + 1
 
     generator = None

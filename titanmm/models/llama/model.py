@@ -141,7 +141,7 @@ class Transformer(nn.Module):
 
     def forward_embeddings(self, h_bsd: torch.Tensor, position_ids: torch.Tensor | None = None,
                            document_ids: torch.Tensor | None = None, seq_len: int | None = None,
-                           cache: KVCache | None = None) -> torch.Tensor:
+                           cache: KVCache | None = None, last_position_only: bool = False) -> torch.Tensor:
         """Run the blocks, final norm and output layer on input embeddings h [B, S, D].
 
         Used by models that build the input embeddings themselves (a vision-language model
@@ -151,6 +151,9 @@ class Transformer(nn.Module):
         `cache` (inference, `titanmm.models.kv_cache.KVCache`): the S new tokens are appended to
         the cache after what it already holds and attend to all of it (respecting its padding
         mask); `position_ids` must then be given and `document_ids` must be None.
+
+        `last_position_only` (generation's prefill): the final norm and output layer run on the last
+        position alone, logits [B, 1, V] (a prompt's other logits are never read).
         """
         seq = h_bsd.shape[1] if seq_len is None else seq_len
         if cache is not None:
@@ -167,6 +170,8 @@ class Transformer(nn.Module):
             h = layer(h, rope, mask, cache=cache.layer(index) if cache is not None else None)
         if cache is not None:
             cache.advance(h_bsd.shape[1])
+        if last_position_only:
+            h = h[:, -1:]
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 
