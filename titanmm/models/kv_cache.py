@@ -79,10 +79,14 @@ class KVCache:
     def allocate(self, index: int, k_bhsd: torch.Tensor) -> None:
         """Layer `index`'s buffers, shaped after its first keys [B, kv_heads, S, head_dim]."""
         _, heads, _, head_dim = k_bhsd.shape
+        self.allocate_layer(index, heads, head_dim, self.dtype or k_bhsd.dtype, k_bhsd.device)
+
+    def allocate_layer(self, index: int, heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
+        """Layer `index`'s buffers [B, heads, max_len, head_dim], before any keys are written (a compiled
+        prefill then always finds them allocated)."""
         shape = (self.batch, heads, self.max_len, head_dim)
-        dtype = self.dtype or k_bhsd.dtype
-        self.k[index] = torch.zeros(shape, dtype=dtype, device=k_bhsd.device)
-        self.v[index] = torch.zeros(shape, dtype=dtype, device=k_bhsd.device)
+        self.k[index] = torch.zeros(shape, dtype=dtype, device=device)
+        self.v[index] = torch.zeros(shape, dtype=dtype, device=device)
 
     def layer(self, index: int) -> LayerKVCache:
         return LayerKVCache(self, index)
