@@ -25,6 +25,7 @@ per step are its language model's (the vision tower and projector run in the pre
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -125,17 +126,19 @@ def make_inputs(model, batch: int, prompt_len: int, device: torch.device) -> tup
 
 
 def time_batch(model, batch: int, prompt_len: int, new_tokens: int, warmup: int, iters: int,
-               device: torch.device, compile: bool = False) -> dict:
+               device: torch.device, compile: bool = False, compile_prefill: bool = False) -> dict:
     prompts, pixel_values = make_inputs(model, batch, prompt_len, device)
     for _ in range(warmup):
-        generate(model, prompts, pixel_values=pixel_values, max_new_tokens=new_tokens, compile=compile)
+        generate(model, prompts, pixel_values=pixel_values, max_new_tokens=new_tokens, compile=compile,
+                 compile_prefill=compile_prefill)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(iters):
         synchronize(device)
         start = time.perf_counter()
-        out = generate(model, prompts, pixel_values=pixel_values, max_new_tokens=new_tokens, compile=compile)
+        out = generate(model, prompts, pixel_values=pixel_values, max_new_tokens=new_tokens, compile=compile,
+                       compile_prefill=compile_prefill)
         synchronize(device)
         times.append(time.perf_counter() - start)
         if any(len(ids) != new_tokens for ids in out.token_ids):
@@ -147,7 +150,7 @@ def time_batch(model, batch: int, prompt_len: int, new_tokens: int, warmup: int,
 
 
 def profile_call(model, batch: int, prompt_len: int, new_tokens: int, folder: Path,
-                 compile: bool = False) -> Path:
+                 compile: bool = False, compile_prefill: bool = False) -> Path:
     """One more generate call (after the timed ones) under torch.profiler: writes the kernel time breakdown
     (`titanmm.utils.profiling.profile_breakdown`) and a Chrome trace to `folder`; returns the breakdown's path."""
     from titanmm.utils.profiling import profile_breakdown
@@ -158,7 +161,8 @@ def profile_call(model, batch: int, prompt_len: int, new_tokens: int, folder: Pa
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         with torch.profiler.record_function(f"ProfilerStep#decode_B{batch}"):
-            generate(model, prompts, pixel_values=pixel_values, max_new_tokens=new_tokens, compile=compile)
+            generate(model, prompts, pixel_values=pixel_values, max_new_tokens=new_tokens, compile=compile,
+                     compile_prefill=compile_prefill)
     folder.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(folder / f"decode_B{batch}_trace.json"))
     out = folder / f"decode_B{batch}_kernels.txt"
@@ -170,7 +174,7 @@ def profile_call(model, batch: int, prompt_len: int, new_tokens: int, folder: Pa
 def _without_fused_qkv():
     from titanmm.models.llama.model import Transformer
 
-    Transformer.fuse_qkv_projections = lambda self: None
+    Transformer.fused_qkv_projections = lambda self: contextlib.nullcontext()
 
 
 ABLATIONS = {"fused_qkv": _without_fused_qkv}
@@ -193,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true",
                         help="compiled decode step (CUDA graphs on GPU; titanmm.generate compile=True)")
+    parser.add_argument("--compile-prefill", action="store_true",
+                        help="with --compile: the prefill compiled too (titanmm.generate compile_prefill=True)")
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="profile one more call per batch: kernel breakdown and Chrome trace into DIR")
@@ -224,21 +230,22 @@ def main(argv: list[str] | None = None) -> int:
               f"one image per prompt", flush=True)
     batches = {}
     for batch in args.batch:
-        r = time_batch(model, batch, args.prompt_len, args.new_tokens, args.warmup, args.iters, device, args.compile)
+        r = time_batch(model, batch, args.prompt_len, args.new_tokens, args.warmup, args.iters, device, args.compile,
+                       args.compile_prefill)
         if batch == 1:
             r["bandwidth_bound_fraction"] = r["new_tokens_per_s"] / bound
         batches[str(batch)] = r
         if args.profile:
             r["profile"] = str(profile_call(model, batch, args.prompt_len, args.new_tokens, Path(args.profile),
-                                            args.compile))
+                                            args.compile, args.compile_prefill))
         bound_note = f", {100 * r['bandwidth_bound_fraction']:.1f}% of the bandwidth bound" if batch == 1 else ""
         peak = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f} GiB"
         print(f"titanmm generate {args.flavor} B={batch}: {r['new_tokens_per_s']:,.1f} new tok/s "
               f"({r['seconds_per_call']:.2f} s per call of {args.new_tokens} tokens){bound_note}, peak {peak}",
               flush=True)
     result = {"device": name, "model": args.model, "flavor": args.flavor, "dtype": args.dtype,
-              "compile": args.compile, "prompt_len": args.prompt_len, "image_tokens": n_image,
-              "prompt_tokens": prompt_tokens,
+              "compile": args.compile, "compile_prefill": args.compile_prefill, "prompt_len": args.prompt_len,
+              "image_tokens": n_image, "prompt_tokens": prompt_tokens,
               "new_tokens": args.new_tokens, "warmup": args.warmup, "iters": args.iters,
               "hbm_copy_bytes_per_s": bandwidth, "params_read": params, "weight_bytes": nbytes,
               "bandwidth_bound_tokens_per_s": bound, "batches": batches}

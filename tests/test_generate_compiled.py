@@ -91,7 +91,7 @@ def test_compiled_greedy_matches_eager_without_recompiles(lm):
     eager = generate(lm, prompts, max_new_tokens=16)
     compiled = generate(lm, prompts, max_new_tokens=16, compile=True)
     assert compiled.token_ids == eager.token_ids and all(len(t) == 16 for t in compiled.token_ids)
-    assert _graphs() == 2  # the prefill's (all batch sizes and prompt lengths), and one for all 15 decode steps
+    assert _graphs() == 1  # one graph for all 15 decode steps
     # EOS, fixed steps and stop strings: the same shapes, so the same compiled step, never recompiled.
     tok = _CharTokenizer()
     stop = tok.decode(eager.token_ids[2][5:7])
@@ -106,18 +106,21 @@ def test_compiled_greedy_matches_eager_without_recompiles(lm):
             got = generate(lm, prompts, config=GenerationConfig(max_new_tokens=16, compile=True), **kwargs)
             assert (got.token_ids, got.finish_reasons, got.texts) == (want.token_ids, want.finish_reasons, want.texts)
             reasons.update(want.finish_reasons)
-    assert _graphs() == 2
+    assert _graphs() == 1
     assert reasons == {"eos", "stop_string", "length"}
 
 
 def test_compiled_prefill_serves_every_shape(lm):
-    """The compiled prefill has dynamic shapes: a new batch size and prompt length add the decode step's
-    recompile only, and the tokens stay the eager loop's."""
-    generate(lm, _prompts(), max_new_tokens=4, compile=True)
+    """compile_prefill: the prefill is compiled once, with dynamic shapes (a second batch size and prompt length
+    add only the decode step's recompile), and the tokens stay the eager loop's."""
+    counters.clear()
+    prompts = _prompts()
+    eager = generate(lm, prompts, max_new_tokens=4)
+    assert generate(lm, prompts, max_new_tokens=4, compile=True, compile_prefill=True).token_ids == eager.token_ids
     graphs = _graphs()
     prompts = _prompts(lengths=(30, 9), seed=5)
     eager = generate(lm, prompts, max_new_tokens=6)
-    compiled = generate(lm, prompts, max_new_tokens=6, compile=True)
+    compiled = generate(lm, prompts, max_new_tokens=6, compile=True, compile_prefill=True)
     assert compiled.token_ids == eager.token_ids
     assert _graphs() == graphs + 1
 

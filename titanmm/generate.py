@@ -48,8 +48,9 @@ CLI: `python -m titanmm.generate --checkpoint C --prompt "..." [--image PATH ...
 `main`); under `torchrun --nproc_per_node N` the model is tensor-parallel over the N ranks and rank 0
 prints.
 
-The prefill computes the logits of the last prompt position only; with `compile=True` its language-model pass
-is compiled too (dynamic shapes, one compile for all batch sizes and prompt lengths; no CUDA graphs).
+The prefill computes the logits of the last prompt position only; with `compile=True` and `compile_prefill=True`
+its language-model pass is compiled too (dynamic shapes, one compile for all batch sizes and prompt lengths; no
+CUDA graphs).
 
 Not done: pipelined inference, continuous batching, speculative decoding.
 """
@@ -91,6 +92,10 @@ class GenerationConfig:
     """Run the decode steps through a compiled, static-shape step (CUDA graphs on GPU; see the module
     docstring). The first call compiles (seconds to minutes); the tokens are those of the eager loop (up
     to the compiled kernels' float rounding)."""
+    compile_prefill: bool = False
+    """With `compile`: also compile the prefill's language-model pass (dynamic shapes: one compile for every
+    batch size and prompt length; no CUDA graphs). Opt-in until measured on a GPU: the eager prefill of
+    long prompts spends much of its time in unfused elementwise kernels (see `_compiled_prefill`)."""
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -207,7 +212,11 @@ def generate(model, prompts: Sequence[Sequence[int]] | torch.Tensor, *, pixel_va
     if config.stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer")
     lm = _language_model(model)
-    lm.fuse_qkv_projections()
+    with lm.fused_qkv_projections():
+        return _generate(model, lm, prompts, pixel_values, tokenizer, config, pad_id)
+
+
+def _generate(model, lm, prompts, pixel_values, tokenizer, config: GenerationConfig, pad_id) -> GenerationOutput:
     device = lm.tok_embeddings.weight.device
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
@@ -221,7 +230,7 @@ def generate(model, prompts: Sequence[Sequence[int]] | torch.Tensor, *, pixel_va
         cache = buffers.cache
     else:
         cache = KVCache.for_model(lm, batch, seq + max(config.max_new_tokens, 1))
-    logits, positions = prefill(model, ids, mask, cache, pixel_values, compiled=compiled)
+    logits, positions = prefill(model, ids, mask, cache, pixel_values, compiled=compiled and config.compile_prefill)
     next_positions = positions[:, -1:] + 1
 
     generator = None

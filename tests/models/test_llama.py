@@ -97,9 +97,9 @@ def test_published_sizes():
 
 @pytest.mark.parametrize("flavor", ["debug_llama3.1", "debug_qwen2"])  # Qwen2: with q/k/v biases
 def test_fused_qkv_projection(flavor):
-    """fuse_qkv_projections (inference): the same logits without gradients, wq/wk/wv stay the same Parameter
+    """fused_qkv_projections (inference): the same logits without gradients, wq/wk/wv stay the same Parameter
     objects (views of the fused weight: an in-place update reaches both), the state dict is unchanged, passes
-    with gradients still reach wq/wk/wv, and a replaced weight is noticed and fused again."""
+    with gradients still reach wq/wk/wv, and a weight replaced later is never read stale."""
     torch.manual_seed(0)
     model = Transformer(LLAMA_FLAVORS[flavor]).to(torch.float64)
     model.init_weights(seed=1)
@@ -108,24 +108,26 @@ def test_fused_qkv_projection(flavor):
         expected = model(ids)
     params_before = dict(model.named_parameters())
     keys_before = list(model.state_dict())
-    with torch.inference_mode():  # generate fuses inside inference mode
-        model.fuse_qkv_projections()
     attention = model.layers["0"].attention
-    assert attention.qkv_fused() and not attention.wqkv_weight.is_inference()
-    assert dict(model.named_parameters()).keys() == params_before.keys()
-    assert all(p is params_before[n] for n, p in model.named_parameters())
-    assert list(model.state_dict()) == keys_before
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids), expected, rtol=1e-12, atol=1e-12)
-        attention.wk.weight.mul_(0.5)  # e.g. an optimizer step
-        assert torch.equal(attention.wqkv_weight[attention.wq.weight.shape[0]:][:attention.wk.weight.shape[0]],
-                           attention.wk.weight)
-        fused_after_update = model(ids)
-    logits = model(ids)  # with gradients: the three projections, the same numbers
-    torch.testing.assert_close(logits.detach(), fused_after_update, rtol=1e-12, atol=1e-12)
-    logits.logsumexp(-1).mean().backward()
-    assert attention.wk.weight.grad is not None and attention.wq.weight.grad.abs().sum() > 0
-    model.to(torch.float32)  # new tensors: the sharing ends and is found so
+    with model.fused_qkv_projections():
+        with torch.inference_mode():  # as in generate
+            torch.testing.assert_close(model(ids), expected, rtol=1e-12, atol=1e-12)
+        assert attention.qkv_fused() and not attention.wqkv_weight.is_inference()
+        assert all(p is params_before[n] for n, p in model.named_parameters())
+        assert list(model.state_dict()) == keys_before
+        with torch.no_grad():
+            attention.wk.weight.mul_(0.5)  # e.g. an optimizer step
+            fused_after_update = model(ids)
+        logits = model(ids)  # with gradients: the three projections, the same numbers
+        torch.testing.assert_close(logits.detach(), fused_after_update, rtol=1e-12, atol=1e-12)
+        logits.logsumexp(-1).mean().backward()
+        assert attention.wk.weight.grad is not None and attention.wq.weight.grad.abs().sum() > 0
+    assert not attention.use_fused_qkv
+    new_wk = torch.randn_like(attention.wk.weight)
+    model.load_state_dict({"layers.0.attention.wk.weight": new_wk}, strict=False, assign=True)  # sharing ends
     assert not attention.qkv_fused()
-    model.fuse_qkv_projections()
-    assert attention.qkv_fused()
+    with torch.no_grad():
+        unfused = model(ids)  # outside the context: the new weight, whatever the fused tensor holds
+        with model.fused_qkv_projections():
+            assert attention.qkv_fused()  # fused again on entry
+            torch.testing.assert_close(model(ids), unfused, rtol=1e-12, atol=1e-12)

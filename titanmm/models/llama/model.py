@@ -7,6 +7,8 @@ ModuleDict keyed by the global layer index so names stay the same on every stage
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,16 +31,18 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kernel = CausalAttentionKernel()
-        # Inference only (see `fuse_qkv`): wq, wk, wv as views of one [q + k + v, dim] weight.
+        # Inference only (see `fuse_qkv`): wq, wk, wv as views of one [q + k + v, dim] weight, used while
+        # `use_fused_qkv` is on (`Transformer.fused_qkv_projections`).
         self.register_buffer("wqkv_weight", None, persistent=False)
         self.register_buffer("wqkv_bias", None, persistent=False)
+        self.use_fused_qkv = False
 
     def forward(self, x_bsd: torch.Tensor, rope_bs2d: torch.Tensor, mask: AttentionMask | None,
                 cache: LayerKVCache | None = None) -> torch.Tensor:
         """`cache` (inference only): this layer's KV cache; the new keys / values are written into it
         and the queries attend over everything cached so far (`mask` then comes from the cache)."""
         bs, seq, _ = x_bsd.shape
-        if self.wqkv_weight is not None and not torch.is_grad_enabled():  # one matmul (fuse_qkv)
+        if self.use_fused_qkv and not torch.is_grad_enabled():  # one matmul (fuse_qkv)
             q, k, v = F.linear(x_bsd, self.wqkv_weight, self.wqkv_bias).split(self._qkv_sizes(), dim=-1)
         else:
             q, k, v = self.wq(x_bsd), self.wk(x_bsd), self.wv(x_bsd)
@@ -68,12 +72,13 @@ class Attention(nn.Module):
     def fuse_qkv(self) -> None:
         """For inference: store wq, wk and wv (and their biases) in one [q + k + v, dim] tensor, of which the three
         weights become views (the same Parameter objects, so in-place updates such as an optimizer step keep
-        both in step), so that passes without gradients project q, k and v in one matmul: at batch 32 Llama 3
-        8B's k and v projections alone run at half the memory bandwidth of the fused one. Passes that record
-        gradients keep the three projections. Plain tensors only (not tensor-parallel or FSDP DTensors)."""
+        both in step), so that passes without gradients project q, k and v in one matmul while `use_fused_qkv`
+        is on: at batch 32 Llama 3 8B's k and v projections alone run at half the memory bandwidth of the fused
+        one. Passes that record gradients keep the three projections. Plain tensors only (not tensor-parallel or
+        FSDP DTensors)."""
         with torch.inference_mode(False):  # real tensors, which training may still update in place
-            for name, linears in (("wqkv_weight", "weight"), ("wqkv_bias", "bias")):
-                parts = [getattr(linear, linears) for linear in (self.wq, self.wk, self.wv)]
+            for name, attribute in (("wqkv_weight", "weight"), ("wqkv_bias", "bias")):
+                parts = [getattr(linear, attribute) for linear in (self.wq, self.wk, self.wv)]
                 if parts[0] is None:
                     continue
                 fused = torch.cat([p.detach() for p in parts])
@@ -175,12 +180,22 @@ class Transformer(nn.Module):
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 
-    def fuse_qkv_projections(self) -> None:
-        """`Attention.fuse_qkv` in every block whose weights are plain tensors and not fused yet (inference)."""
-        for layer in self.layers.values():
-            attention = layer.attention
-            if not isinstance(attention.wq.weight, DTensor) and not attention.qkv_fused():
+    @contextlib.contextmanager
+    def fused_qkv_projections(self):
+        """Inside (inference): every block with plain-tensor weights projects q, k and v in one matmul
+        (`Attention.fuse_qkv`, redone where a weight was replaced since). Outside, the three projections run as
+        always, so a weight replaced later can never be read stale from the fused tensor."""
+        fused = [layer.attention for layer in self.layers.values()
+                 if not isinstance(layer.attention.wq.weight, DTensor)]
+        for attention in fused:
+            if not attention.qkv_fused():
                 attention.fuse_qkv()
+            attention.use_fused_qkv = True
+        try:
+            yield
+        finally:
+            for attention in fused:
+                attention.use_fused_qkv = False
 
     def tie_weights(self) -> None:
         """Re-share the embedding with the output layer (moving or sharding parameters unties them)."""
