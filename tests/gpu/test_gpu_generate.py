@@ -48,13 +48,15 @@ def _near_tie(model, prompt: list[int], same: list[int], a: int, b: int) -> bool
     return abs(float(logits[a] - logits[b])) <= 0.02 * float(logits.abs().max()) + 0.05
 
 
-def test_compiled_greedy_matches_eager_bf16(model):
+@pytest.mark.parametrize("compile_prefill", [False, True])
+def test_compiled_greedy_matches_eager_bf16(model, compile_prefill):
     from torch._dynamo.utils import counters
 
     counters.clear()
     prompts = _prompts(4, (37, 5, 120, 64), seed=0)
     eager = generate(model, prompts, max_new_tokens=48)
-    compiled = [generate(model, prompts, max_new_tokens=48, compile=True) for _ in range(2)]  # record, replay
+    compiled = [generate(model, prompts, max_new_tokens=48, compile=True, compile_prefill=compile_prefill)
+                for _ in range(2)]  # record, replay
     assert counters["inductor"]["cudagraph_skips"] == 0, "the decode step did not run as CUDA graphs"
     assert compiled[0].token_ids == compiled[1].token_ids
     for row, (want, got) in enumerate(zip(eager.token_ids, compiled[1].token_ids)):
