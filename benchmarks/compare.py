@@ -25,7 +25,9 @@ Workloads (identical model, sequence length, batch and precision on both sides; 
   ratio is of samples/s/GPU.
 * `decode_llama3_8b` (1 GPU): greedy decoding with a random-weight Llama 3 8B in bf16, 128-token prompts, 128 new
   tokens, batch 1 and 32: `titanmm.generate` vs transformers' generate with its default cache
-  (`bench_hf.py decode default B`).
+  (`bench_hf.py decode default B`). Its static cache + compile (reduce-overhead) variant fails on this software
+  (torch 2.11, transformers 5.17: "accessing tensor output of CUDAGraphs that has been overwritten", measured in
+  ../shared/peers/README.md), so the default cache is the peer's best working setting.
 * `decode_llava_mistral_clip336` (1 GPU): the same with a random-weight LLaVA (CLIP-L/336 + Mistral 7B) in bf16,
   one image per prompt: bos + 576 image tokens + 128 text tokens, 128 new tokens, batch 1 and 32:
   `titanmm.generate` with pixel values (`decode_throughput.py --model vlm`) vs transformers'
