@@ -8,7 +8,8 @@
 # Before the call, on the development machine: bash benchmarks/setup_peers.sh, and carry .peers and .device-wheels.
 # Environment: BUDGET (seconds for the whole call, default 530: a workload that would start with less than
 # MIN_LEFT=90 seconds left is skipped, and a run still going at the end is stopped), STEPS (15), WARMUP (5),
-# LOG_FREQ (1: both sides log, and so wait for the GPU, at every step).
+# LOG_FREQ (1: both sides log, and so wait for the GPU, at every step), GPUS (default: each workload's own count;
+# e.g. GPUS=2 runs the four-GPU workloads on a two-GPU machine).
 set -uo pipefail
 start=$SECONDS
 source benchmarks/device_peer_env.sh
@@ -28,7 +29,7 @@ for workload in "${workloads[@]}"; do
   fi
   echo "=== $workload (${left} s left)"
   python3 benchmarks/compare.py --workload "$workload" --steps "${STEPS:-15}" --warmup "${WARMUP:-5}" \
-      --log-freq "${LOG_FREQ:-1}" \
+      --log-freq "${LOG_FREQ:-1}" ${GPUS:+--gpus "$GPUS"} \
       --results-dir "$OUT" --log "$log" --time-limit "$left" 2>&1 | tail -n 14
 done
 echo "=== done in $((SECONDS - start)) s; results in $OUT"
