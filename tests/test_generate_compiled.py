@@ -112,12 +112,16 @@ def test_compiled_greedy_matches_eager_without_recompiles(lm):
 
 def test_compiled_prefill_serves_every_shape(lm):
     """compile_prefill: the prefill is compiled once, with dynamic shapes (a second batch size and prompt length
-    add only the decode step's recompile), and the tokens stay the eager loop's."""
+    add only the decode step's recompile; fresh and reused KV buffers the same graph), and the tokens stay the
+    eager loop's."""
     counters.clear()
     prompts = _prompts()
     eager = generate(lm, prompts, max_new_tokens=4)
+    release_decode_buffers(lm)  # fresh buffers for the first compiled call, reused by the second
     assert generate(lm, prompts, max_new_tokens=4, compile=True, compile_prefill=True).token_ids == eager.token_ids
     graphs = _graphs()
+    assert generate(lm, prompts, max_new_tokens=4, compile=True, compile_prefill=True).token_ids == eager.token_ids
+    assert _graphs() == graphs
     prompts = _prompts(lengths=(30, 9), seed=5)
     eager = generate(lm, prompts, max_new_tokens=6)
     compiled = generate(lm, prompts, max_new_tokens=6, compile=True, compile_prefill=True)

@@ -179,8 +179,24 @@ def prefill(model, ids_bs: torch.Tensor, attention_mask_bs: torch.Tensor, cache:
         h = model.merge_image_embeddings(ids_bs, h, images)
     elif pixel_values is not None:
         raise ValueError("pixel_values were given but the model is a language model without a vision tower")
+    if compiled:
+        _allocate_kv_buffers(lm, cache)
     run = _compiled_prefill(h.device) if compiled else _prefill_language_model
     return run(lm, h, positions, cache), positions
+
+
+def _allocate_kv_buffers(lm, cache: KVCache) -> None:
+    """Make the cache's missing buffers now, as the first keys would (this rank's heads under TP; the autocast
+    dtype under autocast): the compiled prefill then never traces the allocating path, a second graph."""
+    weight = lm.tok_embeddings.weight
+    device_type = weight.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    for index, layer in enumerate(lm.layers.values()):
+        if cache.k[index] is None:
+            wk = layer.attention.wk.weight
+            rows = (wk.to_local() if isinstance(wk, DTensor) else wk).shape[0]
+            cache.allocate_layer(index, rows // lm.args.head_dim, lm.args.head_dim, cache.dtype or dtype,
+                                 weight.device)
 
 
 def _prefill_language_model(lm, h_bsd: torch.Tensor, positions_bs: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -315,14 +331,6 @@ class _StaticDecodeBuffers:
         weight = lm.tok_embeddings.weight
         self.key = (batch, max_len, weight.device, weight.dtype)
         self.cache = KVCache.for_model(lm, batch, max_len)
-        # The buffers are made now, as the first keys would make them: the compiled prefill then never takes the
-        # allocating path (which would be a second graph). Keys come in the autocast dtype under autocast.
-        device_type = weight.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-        for index, layer in enumerate(lm.layers.values()):
-            wk = layer.attention.wk.weight
-            rows = (wk.to_local() if isinstance(wk, DTensor) else wk).shape[0]  # this rank's heads under TP
-            self.cache.allocate_layer(index, rows // lm.args.head_dim, lm.args.head_dim, dtype, weight.device)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=weight.device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=weight.device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=weight.device)
