@@ -35,9 +35,11 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
+import results_io  # noqa: E402
 from titanmm.generate import generate  # noqa: E402
 from titanmm.models import MODEL_SPECS  # noqa: E402
 from titanmm.models.llama import Transformer  # noqa: E402
@@ -126,7 +128,7 @@ def make_inputs(model, batch: int, prompt_len: int, device: torch.device) -> tup
 
 
 def time_batch(model, batch: int, prompt_len: int, new_tokens: int, warmup: int, iters: int,
-               device: torch.device, compile: bool = False, compile_prefill: bool = False) -> dict:
+               device: torch.device, compile: bool = False, compile_prefill: bool = True) -> dict:
     prompts, pixel_values = make_inputs(model, batch, prompt_len, device)
     for _ in range(warmup):
         generate(model, prompts, pixel_values=pixel_values, max_new_tokens=new_tokens, compile=compile,
@@ -150,7 +152,7 @@ def time_batch(model, batch: int, prompt_len: int, new_tokens: int, warmup: int,
 
 
 def profile_call(model, batch: int, prompt_len: int, new_tokens: int, folder: Path,
-                 compile: bool = False, compile_prefill: bool = False) -> Path:
+                 compile: bool = False, compile_prefill: bool = True) -> Path:
     """One more generate call (after the timed ones) under torch.profiler: writes the kernel time breakdown
     (`titanmm.utils.profiling.profile_breakdown`) and a Chrome trace to `folder`; returns the breakdown's path."""
     from titanmm.utils.profiling import profile_breakdown
@@ -197,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true",
                         help="compiled decode step (CUDA graphs on GPU; titanmm.generate compile=True)")
-    parser.add_argument("--compile-prefill", action="store_true",
-                        help="with --compile: the prefill compiled too (titanmm.generate compile_prefill=True)")
+    parser.add_argument("--eager-prefill", dest="compile_prefill", action="store_false",
+                        help="with --compile: keep the prefill eager (titanmm.generate compile_prefill=False)")
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="profile one more call per batch: kernel breakdown and Chrome trace into DIR")
@@ -243,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"titanmm generate {args.flavor} B={batch}: {r['new_tokens_per_s']:,.1f} new tok/s "
               f"({r['seconds_per_call']:.2f} s per call of {args.new_tokens} tokens){bound_note}, peak {peak}",
               flush=True)
-    result = {"device": name, "model": args.model, "flavor": args.flavor, "dtype": args.dtype,
+    result = {"date": time.strftime("%Y-%m-%d"), "commit": results_io.commit(),
+              "command": results_io.command_line("decode_throughput.py", argv), "device": name, "model": args.model, "flavor": args.flavor, "dtype": args.dtype,
               "compile": args.compile, "compile_prefill": args.compile_prefill, "prompt_len": args.prompt_len,
               "image_tokens": n_image, "prompt_tokens": prompt_tokens,
               "new_tokens": args.new_tokens, "warmup": args.warmup, "iters": args.iters,

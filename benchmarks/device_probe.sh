@@ -58,10 +58,10 @@ for probe in ${PROBES:-attention cudnn acnone fp8plain decode}; do
     decode_all) compare --workload decode_llama3_8b ;;
     decode_llava) compare --workload decode_llava_mistral_clip336 ;;
     decode_prefill)  # the compiled prefill against the eager one, same machine and call
-            for model in llama vlm; do for variant in "" --compile-prefill; do
+            for model in llama vlm; do for variant in --eager-prefill ""; do
               [ "$(left)" -gt 90 ] || { echo "=== skipped (budget): $model $variant"; continue; }
               python3 benchmarks/decode_throughput.py --model $model --batch 32 --compile $variant \
-                  --json "$OUT/decode_${model}_B32${variant:+_compile_prefill}.json" 2>&1 | grep "titanmm generate"
+                  --json "$OUT/decode_${model}_B32${variant:+_eager_prefill}.json" 2>&1 | grep "titanmm generate"
             done; done ;;
     decode_profile) python3 benchmarks/decode_throughput.py --flavor llama3_8b --batch 1 32 --compile \
                --json "$OUT/decode_profile.json" --profile "$OUT/profile" 2>&1 | grep "titanmm generate" ;;

@@ -91,7 +91,7 @@ def test_compiled_greedy_matches_eager_without_recompiles(lm):
     eager = generate(lm, prompts, max_new_tokens=16)
     compiled = generate(lm, prompts, max_new_tokens=16, compile=True)
     assert compiled.token_ids == eager.token_ids and all(len(t) == 16 for t in compiled.token_ids)
-    assert _graphs() == 1  # one graph for all 15 decode steps
+    assert _graphs() == 2  # one graph for all 15 decode steps, one for the prefill (dynamic shapes)
     # EOS, fixed steps and stop strings: the same shapes, so the same compiled step, never recompiled.
     tok = _CharTokenizer()
     stop = tok.decode(eager.token_ids[2][5:7])
@@ -106,14 +106,14 @@ def test_compiled_greedy_matches_eager_without_recompiles(lm):
             got = generate(lm, prompts, config=GenerationConfig(max_new_tokens=16, compile=True), **kwargs)
             assert (got.token_ids, got.finish_reasons, got.texts) == (want.token_ids, want.finish_reasons, want.texts)
             reasons.update(want.finish_reasons)
-    assert _graphs() == 1
+    assert _graphs() == 2
     assert reasons == {"eos", "stop_string", "length"}
 
 
 def test_compiled_prefill_serves_every_shape(lm):
-    """compile_prefill: the prefill is compiled once, with dynamic shapes (a second batch size and prompt length
-    add only the decode step's recompile; fresh and reused KV buffers the same graph), and the tokens stay the
-    eager loop's."""
+    """compile_prefill (the default with compile): the prefill is compiled once, with dynamic shapes (a second
+    batch size and prompt length add only the decode step's recompile; fresh and reused KV buffers the same
+    graph), and the tokens stay the eager loop's; compile_prefill=False keeps the prefill eager."""
     counters.clear()
     prompts = _prompts()
     eager = generate(lm, prompts, max_new_tokens=4)
@@ -127,6 +127,11 @@ def test_compiled_prefill_serves_every_shape(lm):
     compiled = generate(lm, prompts, max_new_tokens=6, compile=True, compile_prefill=True)
     assert compiled.token_ids == eager.token_ids
     assert _graphs() == graphs + 1
+    counters.clear()
+    torch._dynamo.reset()
+    eager_prefill = generate(lm, prompts, max_new_tokens=6, compile=True, compile_prefill=False)
+    assert eager_prefill.token_ids == eager.token_ids
+    assert _graphs() == 1  # the decode step only
 
 
 def test_compiled_sampling_is_seeded_like_eager(lm):

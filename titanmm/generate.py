@@ -48,9 +48,9 @@ CLI: `python -m titanmm.generate --checkpoint C --prompt "..." [--image PATH ...
 `main`); under `torchrun --nproc_per_node N` the model is tensor-parallel over the N ranks and rank 0
 prints.
 
-The prefill computes the logits of the last prompt position only; with `compile=True` and `compile_prefill=True`
-its language-model pass is compiled too (dynamic shapes, one compile for all batch sizes and prompt lengths; no
-CUDA graphs).
+The prefill computes the logits of the last prompt position only; with `compile=True` its language-model pass
+is compiled too (dynamic shapes, one compile for all batch sizes and prompt lengths; no CUDA graphs;
+`compile_prefill=False` keeps it eager).
 
 Not done: pipelined inference, continuous batching, speculative decoding.
 """
@@ -92,10 +92,12 @@ class GenerationConfig:
     """Run the decode steps through a compiled, static-shape step (CUDA graphs on GPU; see the module
     docstring). The first call compiles (seconds to minutes); the tokens are those of the eager loop (up
     to the compiled kernels' float rounding)."""
-    compile_prefill: bool = False
+    compile_prefill: bool = True
     """With `compile`: also compile the prefill's language-model pass (dynamic shapes: one compile for every
-    batch size and prompt length; no CUDA graphs). Opt-in until measured on a GPU: the eager prefill of
-    long prompts spends much of its time in unfused elementwise kernels (see `_compiled_prefill`)."""
+    batch size and prompt length; no CUDA graphs). The eager prefill of long prompts spends much of its time
+    in unfused elementwise kernels (see `_compiled_prefill`); on one H100 at batch 32 the compiled one makes
+    the whole call 3% faster for Llama 3 8B (128-token prompts) and 11% for LLaVA (705-token prompts).
+    False keeps the prefill eager (only the decode steps compiled)."""
 
     def __post_init__(self):
         if self.max_new_tokens < 0:

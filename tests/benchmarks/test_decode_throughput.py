@@ -18,6 +18,7 @@ def test_decode_benchmark_writes_results_and_profiles(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["batches"]) == {"1", "3"} and 0 < result["batches"]["1"]["bandwidth_bound_fraction"]
     assert result["model"] == "llama" and result["image_tokens"] == 0 and result["prompt_tokens"] == 8
+    assert result["commit"] and result["command"].startswith("python benchmarks/decode_throughput.py --flavor debug")
     breakdown = (tmp_path / "profile" / "decode_B3_kernels.txt").read_text()
     assert "generate, batch 3, 8 + 4 tokens" in breakdown and "matmul" in breakdown
     assert (tmp_path / "profile" / "decode_B3_trace.json").exists()
