@@ -63,6 +63,20 @@ for probe in ${PROBES:-attention cudnn acnone fp8plain decode}; do
               python3 benchmarks/decode_throughput.py --model $model --batch 32 --compile $variant \
                   --json "$OUT/decode_${model}_B32${variant:+_eager_prefill}.json" 2>&1 | grep "titanmm generate"
             done; done ;;
+    pair_profile)  # both sides of each PAIR_WORKLOADS workload profiled at step 10, read the same way
+            for w in ${PAIR_WORKLOADS:-llama3_8b_proxy_fp8}; do
+              rm -rf /tmp/pair_titanmm /tmp/pair_peer
+              compare --workload "$w" ${GPUS:+--gpus "$GPUS"} --tag profile --steps 10 --log-freq 10 \
+                  --titanmm-arg=--profiling.enable_profiling=true --titanmm-arg=--profiling.profile_freq=10 \
+                  --titanmm-arg=--profiling.save_traces_folder=/tmp/pair_titanmm \
+                  --peer-arg=--profiling.enable_profiling --peer-arg=--profiling.profile_freq --peer-arg=10 \
+                  --peer-arg=--profiling.save_traces_folder --peer-arg=/tmp/pair_peer
+              mkdir -p "$OUT/profile"
+              cp /tmp/pair_titanmm/iteration_10/rank0_kernels.txt "$OUT/profile/${w}_titanmm_rank0_kernels.txt"
+              python3 benchmarks/trace_breakdown.py /tmp/pair_peer/iteration_10/rank0_trace.json \
+                  --title "torchtitan, $w, rank 0, step 10" --out "$OUT/profile/${w}_torchtitan_rank0_kernels.txt" \
+                  | sed -n 1,16p
+            done ;;
     decode_profile) python3 benchmarks/decode_throughput.py --flavor llama3_8b --batch 1 32 --compile \
                --json "$OUT/decode_profile.json" --profile "$OUT/profile" 2>&1 | grep "titanmm generate" ;;
     cudnn) compare --workload llama3_8b_proxy_bf16 --only titanmm --tag cudnn \
