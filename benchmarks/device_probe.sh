@@ -66,7 +66,7 @@ for probe in ${PROBES:-attention cudnn acnone fp8plain decode}; do
     pair_profile)  # both sides of each PAIR_WORKLOADS workload profiled at step 10, read the same way
             for w in ${PAIR_WORKLOADS:-llama3_8b_proxy_fp8}; do
               rm -rf /tmp/pair_titanmm /tmp/pair_peer
-              compare --workload "$w" ${GPUS:+--gpus "$GPUS"} --tag profile --steps 10 --log-freq 10 \
+              compare --workload "$w" ${GPUS:+--gpus "$GPUS"} --tag profile --steps 10 --log-freq 5 \
                   --titanmm-arg=--profiling.enable_profiling=true --titanmm-arg=--profiling.profile_freq=10 \
                   --titanmm-arg=--profiling.save_traces_folder=/tmp/pair_titanmm \
                   --peer-arg=--profiling.enable_profiling --peer-arg=--profiling.profile_freq --peer-arg=10 \
