@@ -216,6 +216,12 @@ class Compile:
     enable_async_tensor_parallel: bool = False
     """With tensor parallelism: let inductor overlap the TP all-gathers / reduce-scatters with the matmuls
     (micro-pipelining over symmetric memory; GPUs with NVLink). Needs compile.enable."""
+    mix_order_reduction: str = "auto"
+    """Inductor's mix-order reduction (one kernel for RMSNorm's backward row sums and its weight-gradient column
+    sums): "on", "off", or "auto" = off when float8 is enabled, on otherwise. Under FP8 it also pulls the
+    transposed FP8 casts of the norm's output (stored three times, once per q/k/v weight gradient) into that
+    row-by-row kernel, where their strided stores make it ~2 ms per block on an H100; without it the 8B proxy
+    trains 4.3% faster in FP8 and equally fast in bf16."""
 
 
 @dataclass

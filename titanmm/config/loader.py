@@ -200,6 +200,7 @@ def validate(config: JobConfig, world_size: int | None = None) -> None:
     if sac != "op" and not (sac.isdigit() and int(sac) > 0):
         raise ConfigError(f"activation_checkpoint.selective_ac_option = {sac!r}; expected 'op' or a positive integer")
     _validate_float8(c.float8)
+    _choice("compile.mix_order_reduction", c.compile.mix_order_reduction, ("auto", "on", "off"))
     if c.compile.enable_async_tensor_parallel and not (c.compile.enable and p.tensor_parallel_degree > 1):
         raise ConfigError("compile.enable_async_tensor_parallel = true needs compile.enable = true and "
                           f"parallelism.tensor_parallel_degree > 1 (it is {p.tensor_parallel_degree})")

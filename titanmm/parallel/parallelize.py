@@ -21,7 +21,8 @@ from torch import nn
 
 from titanmm.config.job_config import JobConfig
 from titanmm.parallel.activation_checkpoint import apply_ac
-from titanmm.parallel.compile import apply_compile, enable_async_tensor_parallel
+from titanmm.parallel.compile import (apply_compile, enable_async_tensor_parallel, mix_order_reduction_enabled,
+                                      set_mix_order_reduction)
 from titanmm.parallel.context_parallel import apply_context_parallel
 from titanmm.parallel.float8 import float8_tp_enabled
 from titanmm.parallel.fsdp import DTYPES, apply_fsdp
@@ -72,6 +73,7 @@ def apply_ac_compile_fsdp(model: nn.Module, block_dicts: Sequence[nn.ModuleDict]
     if config.compile.enable:
         if config.compile.enable_async_tensor_parallel and dims.tp_enabled:
             enable_async_tensor_parallel(dims.mesh_for("tp"))
+        set_mix_order_reduction(mix_order_reduction_enabled(config.compile.mix_order_reduction, config.float8.enable))
         apply_compile(block_dicts)
     # FSDP2 also provides mixed precision, so it is applied even to a single data-parallel rank on GPU (unless
     # autocast does that there), and wherever parameters are stored in another dtype than the compute dtype
