@@ -32,6 +32,9 @@ def test_embedding_and_output_layer_are_units_unless_tied(one_rank, tied):
     if not tied:  # the output layer stays gathered after forward: backward starts with it
         assert model.output._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is None
         assert model.tok_embeddings._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is not None
+    # Every block is resharded after forward, the last one too (as torchtitan: no extra gathered block at the peak).
+    assert all(block._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is not None
+               for block in model.layers.values())
 
 
 def test_pipeline_stage_without_edges():

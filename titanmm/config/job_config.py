@@ -193,7 +193,8 @@ class Parallelism:
     enable_loss_parallel: bool = True
     """Under TP, compute the loss on vocabulary-sharded logits without gathering them."""
     fsdp_reshard_after_forward: str = "default"
-    """default, always or never: free gathered parameters after forward (never = ZeRO-2 like)."""
+    """default, always or never: free gathered parameters after forward (never = ZeRO-2 like). default: every unit
+    but the final norm + output layer (whose backward comes first)."""
 
 
 @dataclass

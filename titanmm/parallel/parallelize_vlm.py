@@ -38,5 +38,5 @@ def parallelize_vlm(model: nn.Module, dims: ParallelDims, config: JobConfig, dev
             model.get_parameter(name).requires_grad_(False)
     if dims.cp > 1:  # ring attention in the language model only; the vision tower sees whole images
         apply_context_parallel(model.lm.layers, dims.mesh_for("cp"))
-    # By default only the LM's last block stays gathered after forward (backward needs it first).
+    # By default only the LM's final norm + output layer stay gathered after forward (backward needs them first).
     apply_ac_compile_fsdp(model, block_containers(model), dims, config, device_type)
