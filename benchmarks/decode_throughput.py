@@ -20,6 +20,12 @@ read + written per second). Every decode step reads each weight once (the input 
 sequence cannot decode faster than bandwidth / weight bytes tokens/s; the fraction of that bound batch 1 reaches
 is printed and written (the KV cache reads, small at these lengths, are not counted). For a VLM the weights read
 per step are its language model's (the vision tower and projector run in the prefill only).
+
+Roofline of a whole call, every batch (`call_roofline`): the prefill's matmul FLOPs at the measured bf16 matmul
+rate (an 8192^3 matmul) plus the decode steps' weight and KV-cache bytes at the copy bandwidth; the JSON has
+`roofline_tokens_per_s` and the fraction reached. At batch 32 with long prompts (LLaVA's 705 tokens) the prefill is
+compute-bound and the cache reads add a fifth to every step's bytes, so the call cannot approach batch 32 x the
+batch-1 bound.
 """
 
 from __future__ import annotations
@@ -70,6 +76,49 @@ def copy_bandwidth(device: torch.device, gib: float = 4.0, iters: int = 10) -> f
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return moved / statistics.median(times)
+
+
+def matmul_throughput(device: torch.device, dtype: torch.dtype, n: int | None = None, iters: int = 10) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype` (n = 8192 on a GPU, 256 on a CPU), median of `iters`."""
+    n = n or (8192 if device.type == "cuda" else 256)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    times = []
+    for i in range(iters + 2):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)
+
+
+def call_roofline(model, batch: int, prompt_tokens: int, new_tokens: int, bandwidth: float,
+                  matmul_flops_per_s: float) -> dict:
+    """The fastest a generate call of `batch` prompts could be on this device: its prefill at the matmul ceiling
+    (2 x parameters x tokens for the language model's matmuls, the output layer on the last position only, causal
+    attention's two matmuls, and for a VLM the vision tower and projector on each image's patches) plus its
+    new_tokens - 1 decode steps at the copy bandwidth (every weight read once per step, as for batch 1, plus each
+    row's keys and values cached so far). Gives `roofline_tokens_per_s` = batch x new_tokens / that time."""
+    lm = language_model(model)
+    a = lm.args
+    output = lm.output.weight.numel() if lm.output is not None else 0
+    embedding = lm.tok_embeddings.weight.numel()
+    body = sum(p.numel() for p in lm.parameters()) - embedding - output
+    flops = 2 * body * batch * prompt_tokens + 2 * output * batch
+    flops += a.n_layers * 2 * batch * a.n_heads * a.head_dim * prompt_tokens**2  # QK^T and PV, causal halves
+    if lm is not model:  # the vision tower and projector, one tile per prompt
+        vision = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in lm.parameters())
+        flops += 2 * vision * batch * image_tokens(model)
+    element = next(lm.parameters()).element_size()
+    kv_per_token = a.n_layers * 2 * a.n_kv_heads * a.head_dim * element
+    _, weight_bytes = weights_read(model)
+    steps = max(new_tokens - 1, 0)
+    decode_bytes = steps * weight_bytes + kv_per_token * batch * sum(prompt_tokens + j for j in range(1, steps + 1))
+    seconds = flops / matmul_flops_per_s + decode_bytes / bandwidth
+    return {"roofline_seconds_per_call": seconds, "roofline_prefill_flops": flops,
+            "roofline_decode_bytes": decode_bytes, "roofline_tokens_per_s": batch * new_tokens / seconds}
 
 
 def build_model(flavor: str, dtype: torch.dtype, device: torch.device, kind: str = "llama"):
@@ -219,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     bandwidth = copy_bandwidth(device, gib=4.0 if device.type == "cuda" else 0.25)
+    matmul_flops = matmul_throughput(device, DTYPES[args.dtype])
     model = build_model(args.flavor, DTYPES[args.dtype], device, args.model)
     n_image = image_tokens(model)
     prompt_tokens = args.prompt_len + (1 + n_image if n_image else 0)
@@ -236,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                        args.compile_prefill)
         if batch == 1:
             r["bandwidth_bound_fraction"] = r["new_tokens_per_s"] / bound
+        r.update(call_roofline(model, batch, prompt_tokens, args.new_tokens, bandwidth, matmul_flops))
+        r["roofline_fraction"] = r["new_tokens_per_s"] / r["roofline_tokens_per_s"]
         batches[str(batch)] = r
         if args.profile:
             r["profile"] = str(profile_call(model, batch, args.prompt_len, args.new_tokens, Path(args.profile),
@@ -243,14 +295,16 @@ def main(argv: list[str] | None = None) -> int:
         bound_note = f", {100 * r['bandwidth_bound_fraction']:.1f}% of the bandwidth bound" if batch == 1 else ""
         peak = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f} GiB"
         print(f"titanmm generate {args.flavor} B={batch}: {r['new_tokens_per_s']:,.1f} new tok/s "
-              f"({r['seconds_per_call']:.2f} s per call of {args.new_tokens} tokens){bound_note}, peak {peak}",
+              f"({r['seconds_per_call']:.2f} s per call of {args.new_tokens} tokens){bound_note}, "
+              f"{100 * r['roofline_fraction']:.1f}% of the call's roofline ({r['roofline_tokens_per_s']:,.0f}), "
+              f"peak {peak}",
               flush=True)
     result = {"date": time.strftime("%Y-%m-%d"), "commit": results_io.commit(),
               "command": results_io.command_line("decode_throughput.py", argv), "device": name, "model": args.model, "flavor": args.flavor, "dtype": args.dtype,
               "compile": args.compile, "compile_prefill": args.compile_prefill, "prompt_len": args.prompt_len,
               "image_tokens": n_image, "prompt_tokens": prompt_tokens,
               "new_tokens": args.new_tokens, "warmup": args.warmup, "iters": args.iters,
-              "hbm_copy_bytes_per_s": bandwidth, "params_read": params, "weight_bytes": nbytes,
+              "hbm_copy_bytes_per_s": bandwidth, "matmul_flops_per_s": matmul_flops, "params_read": params, "weight_bytes": nbytes,
               "bandwidth_bound_tokens_per_s": bound, "batches": batches}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,9 @@ def test_decode_benchmark_writes_results_and_profiles(tmp_path):
     assert set(result["batches"]) == {"1", "3"} and 0 < result["batches"]["1"]["bandwidth_bound_fraction"]
     assert result["model"] == "llama" and result["image_tokens"] == 0 and result["prompt_tokens"] == 8
     assert result["commit"] and result["command"].startswith("python benchmarks/decode_throughput.py --flavor debug")
+    for r in result["batches"].values():  # the call's roofline: prefill at the matmul rate, decode at the bandwidth
+        assert r["roofline_tokens_per_s"] > 0 and r["roofline_prefill_flops"] > 0 and r["roofline_fraction"] > 0
+    assert result["batches"]["3"]["roofline_decode_bytes"] > 3 * result["weight_bytes"]  # 3 steps + the KV cache
     breakdown = (tmp_path / "profile" / "decode_B3_kernels.txt").read_text()
     assert "generate, batch 3, 8 + 4 tokens" in breakdown and "matmul" in breakdown
     assert (tmp_path / "profile" / "decode_B3_trace.json").exists()
