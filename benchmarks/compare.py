@@ -67,7 +67,8 @@ reserved on both sides (`peak_allocated_gib` beside it).
 Writes `<results-dir>/<date>_<device>_<workload>.json` (`workload`, `device`, `gpus`, `commit`, `command`, a
 `titanmm` and a `peer` object with `tps_per_gpu`, `tflops_per_gpu`, `mfu`, `peak_mem_gib`, and `ratio` =
 titanmm / peer tokens/s, for LLaVA SFT samples/s/GPU, named in `ratio_of`), appends both sides' full output to
-`--log` and prints a table.
+`--log` and prints a table. Each file also gets `targets` (issue 7's targets for the workload: required, measured,
+met, shortfall) and `profiles` (the workload's kernel breakdowns beside it), from `benchmarks/targets.py`.
 `benchmarks/readme_table.py` turns the results files into the README's table.
 
 For experiments: `--only titanmm|peer` runs one side (the results file gets an `_<side>_only` suffix),
@@ -97,7 +98,9 @@ for _path in (REPO, REPO / "benchmarks"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+import targets  # noqa: E402
 from hf_llava_sft import RESULT_PREFIX as HF_SFT_RESULT  # noqa: E402
+from targets import device_slug  # noqa: E402
 from results_io import commit, last_json_line  # noqa: E402
 
 PEERS = Path(".peers")  # relative to the repository root, where every process runs
@@ -656,11 +659,6 @@ def device_name() -> str:
         return "unknown"
 
 
-def device_slug(device: str, gpus: int) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "_", device.replace("NVIDIA ", "").lower()).strip("_")
-    return slug + (f"x{gpus}" if gpus > 1 else "")
-
-
 def execute(run: Run, log, deadline: float | None) -> tuple[int, str, float]:
     """Run one process (its own session, so that a timeout ends torchrun's workers too); returns (exit status,
     output, seconds). Its output goes to `log` under a header."""
@@ -865,9 +863,11 @@ def main(argv: list[str] | None = None) -> int:
         result["notes"] = ("projector: titanmm's flavor has Megatron's 1024->14336->4096 MLP, transformers' "
                            "LlavaMultiModalProjector 1024->4096->4096; TFLOP/s/MFU count the language model only "
                            "(6N + attention), the same count on both sides")
+    result = targets.annotate(result, results_dir)
     out = results_dir / f"{stem}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
+    print(targets.summary(result))
     print(f"wrote {out} (full output in {log_path})")
     return 1 if errors else 0
 

@@ -24,7 +24,7 @@ ORDER = ("llama3_8b_proxy_bf16", "llama3_8b_proxy_fp8", "llama3_8b_bf16", "llama
          "llava_mistral_clip336_pretrain", "llava_mistral_clip336_sft", "decode_llama3_8b",
          "decode_llava_mistral_clip336")
 COLUMNS = ("workload", "GPUs", "titanmm tokens/s/GPU", "peer", "peer tokens/s/GPU", "titanmm / peer",
-           "MFU titanmm / peer", "peak memory titanmm / peer", "notes", "measured")
+           "MFU titanmm / peer", "peak memory titanmm / peer", "issue-7 targets missed", "notes", "measured")
 
 
 def load_results(directory: Path) -> list[dict]:
@@ -95,6 +95,15 @@ def notes(result: dict) -> str:
     return "; ".join(parts)
 
 
+def missed_targets(result: dict) -> str:
+    """The results file's missed targets (`benchmarks/targets.py`) with their shortfall; "none" when all that were
+    measured are met, "" for a file without targets."""
+    if "targets" not in result:
+        return ""
+    missed = [f"{t['target']}: {t['shortfall']}" for t in result["targets"] if t["met"] is False]
+    return "; ".join(missed) if missed else "none"
+
+
 def row(result: dict) -> list[str]:
     t, p = result["titanmm"], result["peer"]
     device = result.get("device", "?").replace("NVIDIA ", "")
@@ -105,7 +114,7 @@ def row(result: dict) -> list[str]:
         result.get("peer_name", "peer"), _num(p.get("tps_per_gpu")), _num(result.get("ratio"), ".2f", "x"),
         _pair(_pct(t.get("mfu")), _pct(p.get("mfu"))),
         _pair(_num(t.get("peak_mem_gib"), ".1f"), _num(p.get("peak_mem_gib"), ".1f", " GiB")),
-        notes(result), f"{result.get('date', '?')} {commit}".strip(),
+        missed_targets(result), notes(result), f"{result.get('date', '?')} {commit}".strip(),
     ]
 
 
