@@ -77,6 +77,9 @@ for probe in ${PROBES:-attention cudnn acnone fp8plain decode}; do
                   --title "torchtitan, $w, rank 0, step 10" --out "$OUT/profile/${w}_torchtitan_rank0_kernels.txt" \
                   | sed -n 1,16p
             done ;;
+    optimizer_step)  # the norm + clipped fused AdamW alone (full 8B over GPUS ranks, or LAYERS layers)
+            python3 -m torch.distributed.run --standalone --nproc_per_node="${GPUS:-1}" benchmarks/optimizer_step.py \
+                --flavor llama3_8b ${LAYERS:+--n-layers "$LAYERS"} --json "$OUT/optimizer_step.json" 2>&1 | tail -25 ;;
     decode_profile) python3 benchmarks/decode_throughput.py --flavor llama3_8b --batch 1 32 --compile \
                --json "$OUT/decode_profile.json" --profile "$OUT/profile" 2>&1 | grep "titanmm generate" ;;
     cudnn) compare --workload llama3_8b_proxy_bf16 --only titanmm --tag cudnn \

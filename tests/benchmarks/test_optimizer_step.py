@@ -1,0 +1,25 @@
+"""benchmarks/optimizer_step.py on the CPU (one gloo rank, its own process): the norm and the clipped AdamW step
+timed for plain parameters and for FSDP2 shards, with the bytes and bandwidth fields of its results file."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.utils import REPO
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_optimizer_step_benchmark(tmp_path, fsdp):
+    out = tmp_path / "optimizer.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "optimizer_step.py"), "--flavor", "debug", "--warmup", "1",
+           "--iters", "2", "--json", str(out)] + (["--fsdp"] if fsdp else [])
+    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["fsdp"] is fsdp and result["ranks"] == 1 and result["params_per_rank"] > 0
+    assert result["adamw_bytes_per_rank"] == 28 * result["params_per_rank"] and result["grad_norm_ms"] > 0
+    assert set(result["implementations"]) == {"fused", "foreach"}
+    for r in result["implementations"].values():
+        assert r["ms"] > 0 and r["bytes_per_s"] > 0 and r["fraction_of_copy_bandwidth"] > 0
+    assert result["commit"] and result["command"].startswith("python benchmarks/optimizer_step.py")
