@@ -46,52 +46,12 @@ for _path in (REPO, REPO / "benchmarks"):
         sys.path.insert(0, str(_path))
 
 import results_io  # noqa: E402
+from device_timing import copy_bandwidth, matmul_throughput, synchronize  # noqa: E402
 from titanmm.generate import generate  # noqa: E402
 from titanmm.models import MODEL_SPECS  # noqa: E402
 from titanmm.models.llama import Transformer  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def copy_bandwidth(device: torch.device, gib: float = 4.0, iters: int = 10) -> float:
-    """Bytes per second moved (read + written) by `dst.copy_(src)` of a `gib` GiB buffer, median of `iters`."""
-    numel = int(gib * 2**30) // 2
-    src = torch.ones(numel, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(iters + 2):
-        synchronize(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        synchronize(device)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    moved = 2 * src.numel() * src.element_size()
-    del src, dst
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return moved / statistics.median(times)
-
-
-def matmul_throughput(device: torch.device, dtype: torch.dtype, n: int | None = None, iters: int = 10) -> float:
-    """FLOP/s of an n x n x n matmul in `dtype` (n = 8192 on a GPU, 256 on a CPU), median of `iters`."""
-    n = n or (8192 if device.type == "cuda" else 256)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    times = []
-    for i in range(iters + 2):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times)
 
 
 def call_roofline(model, batch: int, prompt_tokens: int, new_tokens: int, bandwidth: float,
@@ -300,12 +260,13 @@ def main(argv: list[str] | None = None) -> int:
               f"peak {peak}",
               flush=True)
     result = {"date": time.strftime("%Y-%m-%d"), "commit": results_io.commit(),
-              "command": results_io.command_line("decode_throughput.py", argv), "device": name, "model": args.model, "flavor": args.flavor, "dtype": args.dtype,
-              "compile": args.compile, "compile_prefill": args.compile_prefill, "prompt_len": args.prompt_len,
-              "image_tokens": n_image, "prompt_tokens": prompt_tokens,
-              "new_tokens": args.new_tokens, "warmup": args.warmup, "iters": args.iters,
-              "hbm_copy_bytes_per_s": bandwidth, "matmul_flops_per_s": matmul_flops, "params_read": params, "weight_bytes": nbytes,
-              "bandwidth_bound_tokens_per_s": bound, "batches": batches}
+              "command": results_io.command_line("decode_throughput.py", argv), "device": name,
+              "model": args.model, "flavor": args.flavor, "dtype": args.dtype, "compile": args.compile,
+              "compile_prefill": args.compile_prefill, "prompt_len": args.prompt_len, "image_tokens": n_image,
+              "prompt_tokens": prompt_tokens, "new_tokens": args.new_tokens, "warmup": args.warmup,
+              "iters": args.iters, "hbm_copy_bytes_per_s": bandwidth, "matmul_flops_per_s": matmul_flops,
+              "params_read": params, "weight_bytes": nbytes, "bandwidth_bound_tokens_per_s": bound,
+              "batches": batches}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_io  # noqa: E402
+from device_timing import median_seconds  # noqa: E402
 
 
 def forward_chain(x, weights, seq: int):
@@ -41,16 +41,8 @@ def forward_chain(x, weights, seq: int):
 
 
 def timed(fn, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median milliseconds of `fn` on the current GPU."""
+    return 1e3 * median_seconds(fn, torch.device("cuda"), warmup=0, iters=iters)
 
 
 def main() -> None:
@@ -102,7 +94,8 @@ def main() -> None:
     for fn in (chain, optimize, both(torch.cuda.current_stream()), both(high)):
         timed(fn, 2)
     results = {"date": time.strftime("%Y-%m-%d"), "commit": results_io.commit(),
-               "command": results_io.command_line("optimizer_overlap.py", None), "device": torch.cuda.get_device_name(), "layers": args.layers, "seq": args.seq,
+               "command": results_io.command_line("optimizer_overlap.py", None),
+               "device": torch.cuda.get_device_name(), "layers": args.layers, "seq": args.seq,
                "opt_params": args.opt_params, "groups": args.groups,
                "chain_ms": timed(chain, args.iters), "optimizer_ms": timed(optimize, args.iters),
                "both_default_priority_ms": timed(both(torch.cuda.current_stream()), args.iters),

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,6 +31,7 @@ for _path in (REPO, REPO / "benchmarks"):
         sys.path.insert(0, str(_path))
 
 import results_io  # noqa: E402
+from device_timing import copy_bandwidth, median_seconds  # noqa: E402
 from titanmm.config.job_config import Optimizer  # noqa: E402
 from titanmm.distributed import init_distributed  # noqa: E402
 from titanmm.models.llama import LLAMA_FLAVORS, Transformer  # noqa: E402
@@ -62,33 +63,6 @@ def build(flavor: str, n_layers: int | None, device: torch.device, fsdp: bool) -
     return model
 
 
-def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
-    """Median milliseconds of `fn` (CUDA events on a GPU, wall clock otherwise)."""
-    times = []
-    for i in range(warmup + iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            elapsed = start.elapsed_time(end)
-        else:
-            began = time.perf_counter()
-            fn()
-            elapsed = 1e3 * (time.perf_counter() - began)
-        if i >= warmup:
-            times.append(elapsed)
-    return statistics.median(times)
-
-
-def copy_bandwidth(device: torch.device, numel: int) -> float:
-    src = torch.ones(numel, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    ms = timed(lambda: dst.copy_(src), device, 2, 10)
-    return 2 * src.numel() * 4 / (ms / 1e3)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--flavor", default="llama3_8b", choices=sorted(LLAMA_FLAVORS))
@@ -107,24 +81,24 @@ def main(argv: list[str] | None = None) -> int:
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     local_params = sum(_local(p).numel() for p in params)
-    bandwidth = copy_bandwidth(device, min(local_params, 2**28))
+    bandwidth = copy_bandwidth(device, gib=4.0 if device.type == "cuda" else 0.25)
     loss = torch.ones((), device=device)
+    norm_ms = 1e3 * median_seconds(functools.partial(clip_grad_norm_, params, 0.0), device, args.warmup, args.iters)
     result = {"date": time.strftime("%Y-%m-%d"), "commit": results_io.commit(),
               "command": results_io.command_line("optimizer_step.py", argv),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else results_io.cpu_description(),
               "ranks": world, "fsdp": fsdp, "flavor": args.flavor, "n_layers": model.args.n_layers,
               "params_per_rank": local_params, "adamw_bytes_per_rank": ADAMW_BYTES_PER_PARAM * local_params,
-              "copy_bytes_per_s": bandwidth, "grad_norm_ms": timed(lambda: clip_grad_norm_(params, 0.0), device,
-                                                                      args.warmup, args.iters),
-              "implementations": {}}
+              "copy_bytes_per_s": bandwidth, "grad_norm_ms": norm_ms, "implementations": {}}
     for implementation in args.implementations:
         optimizer = build_optimizer([model], Optimizer(implementation=implementation))
         norm = clip_grad_norm_(params, 0.0)
-        ms = timed(lambda: clipped_step([optimizer], params, loss, norm, 1.0), device, args.warmup, args.iters)
+        step = functools.partial(clipped_step, [optimizer], params, loss, norm, 1.0)
+        ms = 1e3 * median_seconds(step, device, args.warmup, args.iters)
+        bytes_per_s = ADAMW_BYTES_PER_PARAM * local_params / (ms / 1e3)
         result["implementations"][implementation] = {
-            "ms": ms, "bytes_per_s": ADAMW_BYTES_PER_PARAM * local_params / (ms / 1e3),
-            "fraction_of_copy_bandwidth": ADAMW_BYTES_PER_PARAM * local_params / (ms / 1e3) / bandwidth}
-        del optimizer
+            "ms": ms, "bytes_per_s": bytes_per_s, "fraction_of_copy_bandwidth": bytes_per_s / bandwidth}
+        del optimizer, step  # its state goes before the next one is made
     if rank == 0:
         print(json.dumps(result, indent=1), flush=True)
         if args.json:

@@ -51,7 +51,8 @@ def _entry(name: str, required: float, measured: float | None, at_least: bool = 
     entry["met"] = bool(measured >= required - tolerance if at_least else measured <= required + tolerance)
     if not entry["met"]:
         if at_least:
-            entry["shortfall"] = f"{100 * (required / measured - 1):.1f}% more needed" if measured > 0 else "nothing measured"
+            entry["shortfall"] = (f"{100 * (required / measured - 1):.1f}% more needed" if measured > 0
+                                  else "nothing measured")
         else:
             entry["shortfall"] = f"{measured - required:.2f}{unit} over"
     return entry
@@ -68,7 +69,8 @@ def _bf16_twin(result: dict, results_dir: Path | None) -> tuple[dict, str] | Non
             other = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if other.get("workload") != twin or other.get("gpus") != result["gpus"] or other.get("device") != result["device"]:
+        same_machine = other.get("gpus") == result["gpus"] and other.get("device") == result["device"]
+        if other.get("workload") != twin or not same_machine:
             continue
         if not (other.get("titanmm") or {}).get("tps_per_gpu"):
             continue

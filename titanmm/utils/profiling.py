@@ -135,7 +135,7 @@ def kernel_breakdown(events: list[tuple[str, float, float]], wall_us: float, tit
         by_category[kernel_category(name)] += duration
         by_name[name][0] += 1
         by_name[name][1] += duration
-    for category in dict.fromkeys([c for c, _ in KERNEL_CATEGORIES if c != "copies/casts"] + ["copies/casts", OTHER]):
+    for category in [c for c, _ in KERNEL_CATEGORIES if c != "copies/casts"] + ["copies/casts", OTHER]:
         us = by_category.get(category, 0.0)
         lines.append(f"{category:<16}{ms(us)} {pct(us, kernel_us):>10} {pct(us, wall_us):>8}")
     lines.append(f"{'idle':<16}{ms(idle_us)} {'':>10} {pct(idle_us, wall_us):>8}")
