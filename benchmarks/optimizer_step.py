@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,27 @@ def build(flavor: str, n_layers: int | None, device: torch.device, fsdp: bool) -
     return model
 
 
+def timed_seconds(step, device: torch.device, warmup: int, iters: int, heat_ms: float) -> float:
+    """Median seconds of `step()`: synchronized wall time, or with `heat_ms` CUDA events around it after about
+    that many milliseconds of matmuls queued right before (no idle gap between the load and the step)."""
+    if not heat_ms or device.type != "cuda":
+        return median_seconds(step, device, warmup, iters)
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    matmul_ms = 1e3 * median_seconds(lambda: a @ a, device)
+    times = []
+    for i in range(warmup + iters):
+        for _ in range(max(1, round(heat_ms / matmul_ms))):
+            a @ a
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--flavor", default="llama3_8b", choices=sorted(LLAMA_FLAVORS))
@@ -70,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 units even on one rank")
     parser.add_argument("--implementations", nargs="+", default=["fused", "foreach"],
                         choices=["fused", "foreach", "for-loop"])
+    parser.add_argument("--backward-seq", type=int, default=0,
+                        help="take the gradients from one real forward/backward of this many tokens (FSDP2's "
+                             "reduce-scatter outputs, as in training) instead of random tensors")
+    parser.add_argument("--heat-ms", type=float, default=0.0,
+                        help="run bf16 matmuls for about this long right before each timed step (a GPU hot and "
+                             "power-capped, as after a backward); the step is timed with CUDA events")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--json", default=None)
@@ -78,8 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     fsdp = args.fsdp or world > 1
     model = build(args.flavor, args.n_layers, device, fsdp)
     params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-3
+    if args.backward_seq:
+        model.init_weights(buffer_device=device)
+        tokens = torch.randint(0, model.args.vocab_size, (1, args.backward_seq + 1), device=device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=not fsdp):
+            logits = model(tokens[:, :-1])
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[0, 1:]).backward()
+        del logits
+    else:
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
     local_params = sum(_local(p).numel() for p in params)
     bandwidth = copy_bandwidth(device, gib=4.0 if device.type == "cuda" else 0.25)
     loss = torch.ones((), device=device)
@@ -88,13 +124,14 @@ def main(argv: list[str] | None = None) -> int:
               "command": results_io.command_line("optimizer_step.py", argv),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else results_io.cpu_description(),
               "ranks": world, "fsdp": fsdp, "flavor": args.flavor, "n_layers": model.args.n_layers,
-              "params_per_rank": local_params, "adamw_bytes_per_rank": ADAMW_BYTES_PER_PARAM * local_params,
+              "gradients": f"one backward of {args.backward_seq} tokens" if args.backward_seq else "random",
+              "heat_ms": args.heat_ms, "params_per_rank": local_params, "adamw_bytes_per_rank": ADAMW_BYTES_PER_PARAM * local_params,
               "copy_bytes_per_s": bandwidth, "grad_norm_ms": norm_ms, "implementations": {}}
     for implementation in args.implementations:
         optimizer = build_optimizer([model], Optimizer(implementation=implementation))
         norm = clip_grad_norm_(params, 0.0)
         step = functools.partial(clipped_step, [optimizer], params, loss, norm, 1.0)
-        ms = 1e3 * median_seconds(step, device, args.warmup, args.iters)
+        ms = 1e3 * timed_seconds(step, device, args.warmup, args.iters, args.heat_ms)
         bytes_per_s = ADAMW_BYTES_PER_PARAM * local_params / (ms / 1e3)
         result["implementations"][implementation] = {
             "ms": ms, "bytes_per_s": bytes_per_s, "fraction_of_copy_bandwidth": bytes_per_s / bandwidth}

@@ -36,15 +36,20 @@ COMMON = [f"--training.steps={STEPS}", "--training.seq_len=1024", "--training.lo
           "--lr_scheduler.warmup_steps=3"]
 
 
-@pytest.mark.parametrize("mode", ["eager", "compile_selective_ac", "compile_full_ac"])
+@pytest.mark.parametrize("mode", ["eager", "compile_selective_ac", "compile_selective_ac_all_matmuls",
+                                  "compile_full_ac"])
 def test_bf16_training_on_gpu(tmp_path, mode):
-    """Compiled and checkpointed bf16 training follows eager bf16 training within bf16 noise."""
+    """Compiled and checkpointed bf16 training follows eager bf16 training within bf16 noise; every logged step
+    reports the optimizer phase's device time."""
     extra = {"eager": [],
              "compile_selective_ac": ["--compile.enable=true", "--activation_checkpoint.mode=selective"],
+             "compile_selective_ac_all_matmuls": ["--compile.enable=true", "--activation_checkpoint.mode=selective",
+                                                  "--activation_checkpoint.selective_ac_option=op_all_matmuls"],
              "compile_full_ac": ["--compile.enable=true", "--activation_checkpoint.mode=full"]}[mode]
     run_training(1, tmp_path / mode, COMMON + extra)
     losses = logged(tmp_path / mode)
     assert losses[STEPS] < losses[1] - 0.5, losses
+    assert all(ms > 0 for ms in logged(tmp_path / mode, "optimizer_ms").values())
     if mode != "eager":
         run_training(1, tmp_path / "eager", COMMON)
         reference = logged(tmp_path / "eager")

@@ -203,8 +203,9 @@ class ActivationCheckpoint:
     """none, full (recompute every block), selective, or memory_budget (needs compile.enable: the compiler's
     partitioner picks what each block saves for backward, the cheapest recompute within memory_budget)."""
     selective_ac_option: str = "op"
-    """selective only: 'op' saves matmul outputs (every other one) and attention; an integer N
-    checkpoints every N-th block."""
+    """selective only: 'op' saves attention and every other bf16 matmul output (torchtitan's policy);
+    'op_all_matmuls' saves attention and every matmul output, FP8 ones included (more memory, no matmul
+    recomputed); an integer N checkpoints every N-th block."""
     memory_budget: float = 0.5
     """memory_budget only: activation memory kept per block, as a fraction of what it keeps without
     checkpointing (1.0: no recompute; 0.0: recompute everything possible, like full)."""

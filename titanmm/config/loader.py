@@ -197,8 +197,9 @@ def validate(config: JobConfig, world_size: int | None = None) -> None:
             raise ConfigError(f"activation_checkpoint.memory_budget = {c.activation_checkpoint.memory_budget}; "
                               "expected a fraction in [0, 1]")
     sac = c.activation_checkpoint.selective_ac_option
-    if sac != "op" and not (sac.isdigit() and int(sac) > 0):
-        raise ConfigError(f"activation_checkpoint.selective_ac_option = {sac!r}; expected 'op' or a positive integer")
+    if sac not in ("op", "op_all_matmuls") and not (sac.isdigit() and int(sac) > 0):
+        raise ConfigError(f"activation_checkpoint.selective_ac_option = {sac!r}; expected 'op', 'op_all_matmuls' or "
+                          "a positive integer")
     _validate_float8(c.float8)
     _choice("compile.mix_order_reduction", c.compile.mix_order_reduction, ("auto", "on", "off"))
     if c.compile.enable_async_tensor_parallel and not (c.compile.enable and p.tensor_parallel_degree > 1):

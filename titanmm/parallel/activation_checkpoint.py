@@ -1,13 +1,15 @@
 """Activation checkpointing of transformer blocks: full, every N-th block, per-op selective, or a memory budget.
 
-Per-op selective keeps the outputs of attention kernels and of every other matmul, and
-recomputes the cheap element-wise work (norms, activations, RoPE) in backward. With a memory
+Per-op selective keeps the outputs of attention kernels and of every other matmul ("op", torchtitan's policy)
+or of every matmul, FP8 ones included ("op_all_matmuls"), and recomputes the cheap element-wise work (norms,
+activations, RoPE, FP8 casts) in backward. With a memory
 budget no block is wrapped: torch.compile's min-cut partitioner chooses, per compiled block, the
 saved activations that cost least recompute within the budget.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -27,15 +29,20 @@ for _name in ("reduce_scatter_tensor", "all_gather_into_tensor"):
         _ALWAYS_SAVE.add(getattr(torch.ops._c10d_functional, _name).default)
 
 
-def _op_selective_context():
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten._scaled_mm.default}
+
+
+def _op_selective_context(every_matmul: bool = False):
     counts = defaultdict(int)
 
     def policy(ctx, func, *args, **kwargs):
         mode = "recompute" if ctx.is_recompute else "forward"
         if func == torch.ops.aten.mm.default:
             counts[f"{mode}_mm"] += 1
-        # Save every other matmul output: half the matmul recompute for half the memory.
-        save = func in _ALWAYS_SAVE or (func == torch.ops.aten.mm.default and counts[f"{mode}_mm"] % 2 == 1)
+        if every_matmul:  # no matmul recomputed: only element-wise work
+            save = func in _ALWAYS_SAVE or func in _MATMULS
+        else:  # every other (bf16) matmul output: half the matmul recompute for half the memory
+            save = func in _ALWAYS_SAVE or (func == torch.ops.aten.mm.default and counts[f"{mode}_mm"] % 2 == 1)
         return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
 
     return create_selective_checkpoint_contexts(policy)
@@ -47,8 +54,9 @@ def wrap_block(block: nn.Module, mode: str, selective_option: str, block_index: 
         return block
     if mode == "full":
         return checkpoint_wrapper(block, preserve_rng_state=False)
-    if selective_option == "op":
-        return checkpoint_wrapper(block, context_fn=_op_selective_context, preserve_rng_state=False)
+    if selective_option in ("op", "op_all_matmuls"):
+        context_fn = functools.partial(_op_selective_context, every_matmul=selective_option == "op_all_matmuls")
+        return checkpoint_wrapper(block, context_fn=context_fn, preserve_rng_state=False)
     every = int(selective_option)
     return checkpoint_wrapper(block, preserve_rng_state=False) if block_index % every == 0 else block
 
