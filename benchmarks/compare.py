@@ -180,7 +180,9 @@ def titanmm_train_argv(w: Workload, gpus: int, steps: int, dump: Path, log_freq:
         args = ["--config", "train_configs/llama3_8b.toml", "--training.dataset=mock",
                 f"--training.seq_len={w.seq_len}", f"--training.local_batch_size={w.batch}",
                 "--training.global_batch_size=-1", "--compile.enable=true", "--activation_checkpoint.mode=selective",
-                "--activation_checkpoint.selective_ac_option=op"]
+                # titanmm's best: every matmul output kept (the config's default; torchtitan's "op" recomputes
+                # every other one). Equal settings: --titanmm-arg=--activation_checkpoint.selective_ac_option=op
+                "--activation_checkpoint.selective_ac_option=op_all_matmuls"]
         if w.layers != 32:
             args.append(f"--model.n_layers={w.layers}")
         if w.fp8:  # tensorwise; FP8 FSDP all-gather and precomputed scales stay on (the [float8] defaults)

@@ -66,9 +66,10 @@ def _pair(a: str, b: str) -> str:
 
 
 def notes(result: dict) -> str:
-    """Workload-specific details: samples/s for LLaVA, per-batch decoding and the bandwidth bound."""
+    """The file's own `note` (what differed from the workload's defaults), then workload-specific details:
+    samples/s for LLaVA, per-batch decoding and the bandwidth bound."""
     t, p = result["titanmm"], result["peer"]
-    parts = []
+    parts = [result["note"]] if result.get("note") else []
     if "samples_per_s" in t or "samples_per_s" in p:
         parts.append(f"samples/s {_num(t.get('samples_per_s'), '.2f')} vs {_num(p.get('samples_per_s'), '.2f')}")
     if "samples_per_s_per_gpu" in t or "samples_per_s_per_gpu" in p:
