@@ -77,6 +77,11 @@ for probe in ${PROBES:-attention cudnn acnone fp8plain decode}; do
                   --title "torchtitan, $w, rank 0, step 10" --out "$OUT/profile/${w}_torchtitan_rank0_kernels.txt" \
                   | sed -n 1,16p
             done ;;
+    loss_chunks)  # titanmm alone with the output layer returning the loss (training.loss_chunk_tokens)
+            for w in ${PAIR_WORKLOADS:-llama3_8b_proxy_bf16}; do for chunk in ${CHUNKS:-4096 1024}; do
+              compare --workload "$w" ${GPUS:+--gpus "$GPUS"} --only titanmm --tag "loss_chunks_$chunk" --steps 34 \
+                  --log-freq 10 "--titanmm-arg=--training.loss_chunk_tokens=$chunk"
+            done; done ;;
     optimizer_step)  # the norm + clipped fused AdamW alone (full 8B over GPUS ranks, or LAYERS layers)
             python3 -m torch.distributed.run --standalone --nproc_per_node="${GPUS:-1}" benchmarks/optimizer_step.py \
                 --flavor llama3_8b ${LAYERS:+--n-layers "$LAYERS"} --json "$OUT/optimizer_step.json" 2>&1 | tail -25 ;;

@@ -13,6 +13,7 @@ import torch
 
 from tests.utils import REPO, logged, run_env, run_training, train_command
 from titanmm.config import load_config
+from titanmm.config.loader import ConfigError
 from titanmm.train import NonFiniteError, Trainer, main
 
 SHORT = ["--training.seq_len=128", "--training.global_batch_size=8", "--lr_scheduler.warmup_steps=2"]
@@ -120,6 +121,32 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 def test_config_errors_name_the_key(overrides, message, capsys):
     assert main(["--config", str(REPO / "train_configs" / "debug_llama.toml"), *overrides]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_loss_chunks_train_like_the_logits(tmp_path):
+    """training.loss_chunk_tokens: the same losses as logits + loss (float32, one process, 512 tokens in chunks
+    of 100, gradient accumulation over 2 micro-batches)."""
+    run_training(1, tmp_path / "logits", SHORT + ["--training.steps=3", "--training.local_batch_size=4"])
+    run_training(1, tmp_path / "chunks", SHORT + ["--training.steps=3", "--training.local_batch_size=4",
+                                                  "--training.loss_chunk_tokens=100"])
+    reference, losses = logged(tmp_path / "logits"), logged(tmp_path / "chunks")
+    assert sorted(losses) == [1, 2, 3]
+    for step, ref in reference.items():
+        assert abs(losses[step] - ref) <= 1e-5 * ref, (step, losses[step], ref)
+
+
+@pytest.mark.parametrize("overrides, world_size, message", [
+    (["--training.loss_chunk_tokens=-1"], 1, "training.loss_chunk_tokens = -1 must be >= 0"),
+    (["--training.loss_chunk_tokens=64", "--parallelism.tensor_parallel_degree=2"], 2,
+     "does not go with parallelism.tensor_parallel_degree = 2"),
+    (["--training.loss_chunk_tokens=64", "--parallelism.pipeline_parallel_degree=2"], 2,
+     "does not go with parallelism.pipeline_parallel_degree = 2"),
+    (["--training.loss_chunk_tokens=64", "--float8.enable=true", "--float8.filter_fqns=patch_embed"], 1,
+     "an FP8 output layer"),
+])
+def test_loss_chunks_refuse_what_needs_the_logits(overrides, world_size, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(REPO / "train_configs" / "debug_llama.toml"), overrides, world_size=world_size)
 
 
 def test_config_degree_checks_against_world_size():

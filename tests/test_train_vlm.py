@@ -32,10 +32,12 @@ def single_process_losses(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["fsdp2", "tp2"])
+@pytest.mark.parametrize("layout", ["fsdp2", "tp2", "fsdp2_loss_chunks"])
 def test_vlm_layouts_match_single_process(single_process_losses, tmp_path, layout):
     overrides = {"fsdp2": ["--training.local_batch_size=2"],
-                 "tp2": ["--training.local_batch_size=2", "--parallelism.tensor_parallel_degree=2"]}[layout]
+                 "tp2": ["--training.local_batch_size=2", "--parallelism.tensor_parallel_degree=2"],
+                 # the output layer returning the loss, 64 tokens at a time
+                 "fsdp2_loss_chunks": ["--training.local_batch_size=2", "--training.loss_chunk_tokens=64"]}[layout]
     losses = _run(2, tmp_path, overrides)
     for step, ref in single_process_losses.items():
         assert abs(losses[step] - ref) <= 1e-5 * ref, (layout, step, losses[step], ref)

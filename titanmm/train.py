@@ -38,6 +38,7 @@ from titanmm.distributed import all_reduce, init_distributed
 from titanmm.metrics import MetricsLogger
 from titanmm.models import get_model_spec
 from titanmm.models.attention import set_sdpa_backends
+from titanmm.models.lm_head import cross_entropy_sum_and_grad
 from titanmm.models.vlm.freeze import freeze
 from titanmm.optim import build_lr_scheduler, build_optimizer, clip_grad_norm_, clipped_step
 from titanmm.parallel import PARALLELIZE_FNS, ParallelDims
@@ -45,7 +46,7 @@ from titanmm.parallel.context_parallel import context_parallel_micro_batch, imag
 from titanmm.parallel.float8 import (convert_to_float8, for_shard_degree, precompute_scales,
                                     register_scale_precompute)
 from titanmm.parallel.parallelize import frozen_params_dtype, mixed_precision_context
-from titanmm.parallel.pipeline import build_schedule, split_model
+from titanmm.parallel.pipeline import build_schedule, language_model, split_model
 from titanmm.utils.profiling import Profiler
 from titanmm.utils.signals import PreemptionHandler
 
@@ -112,6 +113,8 @@ class Trainer:
         loss_parallel_on = self.dims.tp_enabled and config.parallelism.enable_loss_parallel
         compile_loss = config.compile.enable and not loss_parallel_on
         self.loss_fn = torch.compile(cross_entropy_sum) if compile_loss else cross_entropy_sum
+        # training.loss_chunk_tokens > 0: the output layer returns the loss (no logits; models.lm_head).
+        self.loss_in_output_layer = config.training.loss_chunk_tokens > 0
 
         set_sdpa_backends(config.model.sdpa_backends)  # before the blocks are compiled
         # One GPU without parallelism: torch.autocast around the forward (else FSDP2 casts the parameters).
@@ -133,6 +136,11 @@ class Trainer:
         if self.dims.pp > 1:
             pp_stages, pp_num_stages = split_model(self.model, self.dims, config)
             self.model_parts = list(pp_stages.values())
+        if self.loss_in_output_layer:
+            head = language_model(self.model).output
+            head.loss_chunk_tokens = config.training.loss_chunk_tokens
+            head.chunk_fn = torch.compile(cross_entropy_sum_and_grad) if config.compile.enable else \
+                cross_entropy_sum_and_grad
         for part in self.model_parts:
             PARALLELIZE_FNS[self.model_spec.name](part, self.dims, config, self.device.type)
             part.to_empty(device=self.device)
@@ -248,6 +256,8 @@ class Trainer:
         if "loss_weights" in batch:
             weights = batch["loss_weights"].to(self.device, non_blocking=True)
         with self.mixed_precision:
+            if self.loss_in_output_layer:  # weights is None: validated at load
+                return self.model(inputs, labels=labels, **extra)
             logits = self.model(inputs, **extra)
         return self.loss_fn(logits, labels, weights)
 

@@ -37,7 +37,7 @@ COMMON = [f"--training.steps={STEPS}", "--training.seq_len=1024", "--training.lo
 
 
 @pytest.mark.parametrize("mode", ["eager", "compile_selective_ac", "compile_selective_ac_all_matmuls",
-                                  "compile_full_ac"])
+                                  "compile_full_ac", "compile_loss_chunks"])
 def test_bf16_training_on_gpu(tmp_path, mode):
     """Compiled and checkpointed bf16 training follows eager bf16 training within bf16 noise; every logged step
     reports the optimizer phase's device time."""
@@ -45,7 +45,10 @@ def test_bf16_training_on_gpu(tmp_path, mode):
              "compile_selective_ac": ["--compile.enable=true", "--activation_checkpoint.mode=selective"],
              "compile_selective_ac_all_matmuls": ["--compile.enable=true", "--activation_checkpoint.mode=selective",
                                                   "--activation_checkpoint.selective_ac_option=op_all_matmuls"],
-             "compile_full_ac": ["--compile.enable=true", "--activation_checkpoint.mode=full"]}[mode]
+             "compile_full_ac": ["--compile.enable=true", "--activation_checkpoint.mode=full"],
+             # the output layer returning the loss: 4 chunks of the 4,096 tokens, the chunk function compiled
+             "compile_loss_chunks": ["--compile.enable=true", "--activation_checkpoint.mode=selective",
+                                     "--training.loss_chunk_tokens=1024"]}[mode]
     run_training(1, tmp_path / mode, COMMON + extra)
     losses = logged(tmp_path / mode)
     assert losses[STEPS] < losses[1] - 0.5, losses

@@ -18,6 +18,10 @@ LAYOUTS = {
     "fsdp2_tp2": (4, ["--training.local_batch_size=4", "--parallelism.tensor_parallel_degree=2"]),
     "fsdp2_full_ac": (2, ["--training.local_batch_size=4", "--activation_checkpoint.mode=full"]),
     "fsdp2_selective_ac": (2, ["--training.local_batch_size=4", "--activation_checkpoint.mode=selective"]),
+    # every matmul output kept, and the output layer returning the loss in chunks of 96 of the 512 tokens
+    "fsdp2_all_matmuls_ac_loss_chunks": (2, ["--training.local_batch_size=4", "--activation_checkpoint.mode=selective",
+                                             "--activation_checkpoint.selective_ac_option=op_all_matmuls",
+                                             "--training.loss_chunk_tokens=96"]),
 }
 
 

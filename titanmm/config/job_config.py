@@ -105,6 +105,11 @@ class Training:
     """Dtype in which frozen parameters (model.freeze) are stored: param (the compute dtype,
     mixed_precision_param; float32 on CPU), bfloat16, float16 or float32. They are never updated, so they
     need no float32 master copy: a frozen 7B LM takes half the memory in bfloat16."""
+    loss_chunk_tokens: int = 0
+    """> 0: the output layer returns the loss, computing the logits, the cross-entropy and their gradients this
+    many tokens at a time inside the forward (titanmm.models.lm_head), so the [tokens, vocabulary] logits and their
+    gradient never exist whole (Llama 3 at 8,192 tokens per GPU: 2 x 2 GiB). 0: the logits, then the loss. Not
+    with pipeline or tensor parallelism, an FP8 output layer, or multimodal.loss_scaling = "sqrt_length"."""
     max_norm: float = 1.0
     """Gradient clipping by global L2 norm; 0 disables clipping."""
     seed: int = 0

@@ -172,6 +172,7 @@ def validate(config: JobConfig, world_size: int | None = None) -> None:
         _positive(f"training.{key}", getattr(c.training, key))
     _positive("training.max_consecutive_nonfinite", c.training.max_consecutive_nonfinite)
     _positive("training.max_norm", c.training.max_norm, allow_zero=True)
+    _validate_loss_chunks(c)
     for key in ("mixed_precision_param", "mixed_precision_reduce"):
         _choice(f"training.{key}", getattr(c.training, key), ("bfloat16", "float16", "float32"))
     if not c.model.hf_config and c.training.seq_len > language_model_args(flavors[c.model.flavor]).max_seq_len:
@@ -218,6 +219,24 @@ def validate(config: JobConfig, world_size: int | None = None) -> None:
 
 
 VLM_PARTS = ("lm", "vision", "projector")
+
+
+def _validate_loss_chunks(c: JobConfig) -> None:
+    chunk, key = c.training.loss_chunk_tokens, "training.loss_chunk_tokens"
+    _positive(key, chunk, allow_zero=True)
+    if chunk == 0:
+        return
+    p = c.parallelism
+    clashes = [f"{name} = {value}" for name, value in (
+        ("parallelism.tensor_parallel_degree", p.tensor_parallel_degree),
+        ("parallelism.pipeline_parallel_degree", p.pipeline_parallel_degree)) if value > 1]
+    if c.multimodal.loss_scaling == "sqrt_length":
+        clashes.append('multimodal.loss_scaling = "sqrt_length" (per-token loss weights)')
+    if c.float8.enable and "output" not in c.float8.filter_fqns:
+        clashes.append('float8.enable with "output" not in float8.filter_fqns (an FP8 output layer)')
+    if clashes:
+        raise ConfigError(f"{key} = {chunk} (the output layer computing the loss) does not go with "
+                          + ", ".join(clashes) + f"; set {key} = 0")
 
 
 def _validate_multimodal(c: JobConfig) -> None:

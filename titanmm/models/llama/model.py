@@ -18,6 +18,7 @@ from titanmm.models import init
 from titanmm.models.attention import AttentionMask, CausalAttentionKernel, document_mask
 from titanmm.models.kv_cache import KVCache, LayerKVCache
 from titanmm.models.llama.args import TransformerArgs
+from titanmm.models.lm_head import LMHead
 from titanmm.models.norms import RMSNorm
 from titanmm.models.rope import apply_rope, rope_table
 
@@ -123,7 +124,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = LMHead(args.dim, args.vocab_size)
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("rope_cache", self._rope_cache(), persistent=False)
@@ -133,20 +134,23 @@ class Transformer(nn.Module):
         return rope_table(a.head_dim, a.max_seq_len, a.rope_theta, a.rope_scaling, device=device)
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: [B, S] ids (or [B, S, D] hidden states on a pipeline stage without embeddings).
 
         position_ids: [B, S] RoPE positions (default 0..S-1). document_ids: [B, S]; when given,
         attention stays inside each document. Returns logits [B, S, V] (or hidden states when
-        this stage has no output layer). cache: see `forward_embeddings`.
+        this stage has no output layer). cache: see `forward_embeddings`. labels [B, S]: return the
+        summed cross-entropy instead, without holding the logits (`LMHead`).
         """
         seq = tokens.shape[1]  # before the embedding, which sequence parallelism shards
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        return self.forward_embeddings(h, position_ids, document_ids, seq_len=seq, cache=cache)
+        return self.forward_embeddings(h, position_ids, document_ids, seq_len=seq, cache=cache, labels=labels)
 
     def forward_embeddings(self, h_bsd: torch.Tensor, position_ids: torch.Tensor | None = None,
                            document_ids: torch.Tensor | None = None, seq_len: int | None = None,
-                           cache: KVCache | None = None, last_position_only: bool = False) -> torch.Tensor:
+                           cache: KVCache | None = None, last_position_only: bool = False,
+                           labels: torch.Tensor | None = None) -> torch.Tensor:
         """Run the blocks, final norm and output layer on input embeddings h [B, S, D].
 
         Used by models that build the input embeddings themselves (a vision-language model
@@ -159,6 +163,9 @@ class Transformer(nn.Module):
 
         `last_position_only` (generation's prefill): the final norm and output layer run on the last
         position alone, logits [B, 1, V] (a prompt's other logits are never read).
+
+        `labels` [B, S] (training): the summed token cross-entropy (float32 scalar) instead of the logits,
+        computed by the output layer chunk by chunk (`LMHead`).
         """
         seq = h_bsd.shape[1] if seq_len is None else seq_len
         if cache is not None:
@@ -178,7 +185,9 @@ class Transformer(nn.Module):
         if last_position_only:
             h = h[:, -1:]
         h = self.norm(h) if self.norm is not None else h
-        return self.output(h) if self.output is not None else h
+        if self.output is None:
+            return h
+        return self.output(h) if labels is None else self.output(h, labels=labels)
 
     @contextlib.contextmanager
     def fused_qkv_projections(self):

@@ -52,8 +52,9 @@ class VisionLanguageModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
                 tile_mask: torch.Tensor | None = None,
-                image_feature_index: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, S], pixel_values [T, 3, H, W] (all tiles of the batch, or None) -> logits [B, S, V].
+                image_feature_index: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, S], pixel_values [T, 3, H, W] (all tiles of the batch, or None) -> logits [B, S, V]
+        (or, given labels [B, S], their summed cross-entropy, computed without the logits: `LMHead`).
 
         A batch without images passes None, or (for FSDP training, where every rank must run the
         vision tower) an empty [0, 3, H, W] tensor. The tiles may also come by sample,
@@ -67,7 +68,7 @@ class VisionLanguageModel(nn.Module):
         previous stage and the language model's blocks here take over (the images were used before).
         """
         if self.lm.tok_embeddings is None:
-            return self.lm(input_ids, position_ids, document_ids)
+            return self.lm(input_ids, position_ids, document_ids, labels=labels)
         if pixel_values is not None and pixel_values.ndim == 5:
             pixel_values = pixel_values[tile_mask] if tile_mask is not None else pixel_values.flatten(0, 1)
         h_bsd = self.lm.tok_embeddings(input_ids)
@@ -82,7 +83,7 @@ class VisionLanguageModel(nn.Module):
                 h_bsd = self.merge_indexed_image_embeddings(input_ids, h_bsd, images_nd, image_feature_index)
             else:
                 h_bsd = self.merge_image_embeddings(input_ids, h_bsd, images_nd)
-        return self.lm.forward_embeddings(h_bsd, position_ids, document_ids)
+        return self.lm.forward_embeddings(h_bsd, position_ids, document_ids, labels=labels)
 
     def encode_images(self, pixel_values_tchw: torch.Tensor) -> torch.Tensor:
         """Tiles [T, 3, H, W] -> image embeddings [T * N', D], tile after tile."""
