@@ -113,6 +113,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     (["--training.global_batch_size=12"], "training.global_batch_size = 12"),
     (["--activation_checkpoint.mode=most"], "activation_checkpoint.mode = 'most'"),
     (["--activation_checkpoint.mode=memory_budget"], "activation_checkpoint.mode = 'memory_budget' needs compile"),
+    (["--activation_checkpoint.all_matmuls_blocks=-2"], "activation_checkpoint.all_matmuls_blocks = -2"),
     (["--activation_checkpoint.mode=memory_budget", "--compile.enable=true", "--activation_checkpoint.memory_budget=2"],
      "activation_checkpoint.memory_budget = 2.0"),
     (["--model.name=vlm", "--model.flavor=debug_vlm"], "training.dataset = 'shipped' does not exist"),

@@ -74,7 +74,8 @@ def _reference(name: str):
 def _config(ac_mode: str):
     ns = types.SimpleNamespace
     return ns(parallelism=ns(enable_loss_parallel=False, fsdp_reshard_after_forward="default"),
-              activation_checkpoint=ns(mode=ac_mode, selective_ac_option="op", memory_budget=1.0),
+              activation_checkpoint=ns(mode=ac_mode, selective_ac_option="op", memory_budget=1.0,
+                                       all_matmuls_blocks=-1),
               compile=ns(enable=False),
               training=ns(mixed_precision_param="float32", mixed_precision_reduce="float32"))
 

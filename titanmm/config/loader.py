@@ -197,6 +197,9 @@ def validate(config: JobConfig, world_size: int | None = None) -> None:
         if not 0.0 <= c.activation_checkpoint.memory_budget <= 1.0:
             raise ConfigError(f"activation_checkpoint.memory_budget = {c.activation_checkpoint.memory_budget}; "
                               "expected a fraction in [0, 1]")
+    if c.activation_checkpoint.all_matmuls_blocks < -1:
+        raise ConfigError(f"activation_checkpoint.all_matmuls_blocks = {c.activation_checkpoint.all_matmuls_blocks}; "
+                          "expected -1 (every block) or a number of blocks")
     sac = c.activation_checkpoint.selective_ac_option
     if sac not in ("op", "op_all_matmuls") and not (sac.isdigit() and int(sac) > 0):
         raise ConfigError(f"activation_checkpoint.selective_ac_option = {sac!r}; expected 'op', 'op_all_matmuls' or "

@@ -48,27 +48,31 @@ def _op_selective_context(every_matmul: bool = False):
     return create_selective_checkpoint_contexts(policy)
 
 
-def wrap_block(block: nn.Module, mode: str, selective_option: str, block_index: int) -> nn.Module:
-    """Return `block` wrapped for activation checkpointing (or unchanged)."""
+def wrap_block(block: nn.Module, mode: str, selective_option: str, block_index: int,
+               all_matmuls_blocks: int = -1) -> nn.Module:
+    """Return `block` wrapped for activation checkpointing (or unchanged). With "op_all_matmuls", blocks from
+    index `all_matmuls_blocks` on (when >= 0) keep every other matmul output only, as "op"."""
     if mode in ("none", "memory_budget"):
         return block
     if mode == "full":
         return checkpoint_wrapper(block, preserve_rng_state=False)
     if selective_option in ("op", "op_all_matmuls"):
-        context_fn = functools.partial(_op_selective_context, every_matmul=selective_option == "op_all_matmuls")
+        every_matmul = selective_option == "op_all_matmuls" and not 0 <= all_matmuls_blocks <= block_index
+        context_fn = functools.partial(_op_selective_context, every_matmul=every_matmul)
         return checkpoint_wrapper(block, context_fn=context_fn, preserve_rng_state=False)
     every = int(selective_option)
     return checkpoint_wrapper(block, preserve_rng_state=False) if block_index % every == 0 else block
 
 
 def apply_ac(block_dicts: Sequence[nn.ModuleDict], mode: str, selective_option: str,
-             memory_budget: float = 1.0) -> None:
-    """Wrap every block of each ModuleDict in place (every-N-th counts from each dict's first block). Mode
-    memory_budget sets the compiler's activation budget instead (process-wide, read when a block compiles)."""
+             memory_budget: float = 1.0, all_matmuls_blocks: int = -1) -> None:
+    """Wrap every block of each ModuleDict in place (every-N-th and `all_matmuls_blocks` count from each dict's
+    first block). Mode memory_budget sets the compiler's activation budget instead (process-wide, read when a
+    block compiles)."""
     if mode == "memory_budget":
         import torch._functorch.config as functorch_config
 
         functorch_config.activation_memory_budget = memory_budget
     for blocks in block_dicts:
         for index, (name, block) in enumerate(list(blocks.items())):
-            blocks[name] = wrap_block(block, mode, selective_option, index)
+            blocks[name] = wrap_block(block, mode, selective_option, index, all_matmuls_blocks)

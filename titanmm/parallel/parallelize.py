@@ -69,7 +69,7 @@ def apply_ac_compile_fsdp(model: nn.Module, block_dicts: Sequence[nn.ModuleDict]
                           config: JobConfig, device_type: str) -> None:
     """Steps 2-4 (AC, compile, FSDP2) per block of each ModuleDict, in forward order; `model` is the root unit."""
     ac = config.activation_checkpoint
-    apply_ac(block_dicts, ac.mode, ac.selective_ac_option, ac.memory_budget)
+    apply_ac(block_dicts, ac.mode, ac.selective_ac_option, ac.memory_budget, ac.all_matmuls_blocks)
     if config.compile.enable:
         if config.compile.enable_async_tensor_parallel and dims.tp_enabled:
             enable_async_tensor_parallel(dims.mesh_for("tp"))
