@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flavor", default="llama3_8b", choices=sorted(LLAMA_FLAVORS))
     parser.add_argument("--n-layers", type=int, default=None, help="override the flavor's layer count")
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 units even on one rank")
-    parser.add_argument("--implementations", nargs="+", default=["fused", "foreach"],
-                        choices=["fused", "foreach", "for-loop"])
+    parser.add_argument("--implementations", nargs="+", default=["fused", "compiled", "foreach"],
+                        choices=["fused", "compiled", "foreach", "for-loop"])
     parser.add_argument("--backward-seq", type=int, default=0,
                         help="take the gradients from one real forward/backward of this many tokens (FSDP2's "
                              "reduce-scatter outputs, as in training) instead of random tensors")

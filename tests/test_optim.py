@@ -145,19 +145,20 @@ def test_implementations_run_on_cpu(impl):
     assert not torch.equal(before, model.proj.weight)
 
 
-def test_implementations_agree():
+@pytest.mark.parametrize("name", ["AdamW", "Adam"])
+def test_implementations_agree(name):
     results = []
-    for impl in ("fused", "foreach", "for-loop"):
+    for impl in ("fused", "foreach", "for-loop", "compiled"):
         torch.manual_seed(0)
         model = Tiny()
-        opt = build_optimizer([model], Optimizer(implementation=impl))
+        opt = build_optimizer([model], Optimizer(name=name, implementation=impl))
         for _ in range(3):
             model(torch.tensor([[1, 2, 3]])).square().mean().backward()
             opt.step()
             opt.zero_grad()
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    torch.testing.assert_close(results[0], results[1])
-    torch.testing.assert_close(results[1], results[2])
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0])
 
 
 def test_bad_optimizer_config():
@@ -235,11 +236,12 @@ def _clipped_run(impl: str, max_norm: float, bad_steps=(), model: nn.Module | No
     return model, opt, flags, snapshots
 
 
+@pytest.mark.parametrize("impl", ["fused", "compiled"])
 @pytest.mark.parametrize("max_norm", [0.05, 1e6, 0.0])
-def test_clipped_step_fused_on_device_equals_clip_then_step(max_norm):
-    """The fused kernel's grad_scale (1 / clip coefficient) gives what clipping the gradients and then stepping
-    gives, to float32 rounding; the reference is the plain sequence with torch's own clip."""
-    _, opt, flags, fused = _clipped_run("fused", max_norm)
+def test_clipped_step_fused_on_device_equals_clip_then_step(max_norm, impl):
+    """The fused (or compiled) kernel's grad_scale (1 / clip coefficient) gives what clipping the gradients and
+    then stepping gives, to float32 rounding; the reference is the plain sequence with torch's own clip."""
+    _, opt, flags, fused = _clipped_run(impl, max_norm)
     assert steps_on_device([opt]) and flags == [0.0] * 4
     torch.manual_seed(0)
     model = Tiny()
@@ -257,7 +259,7 @@ def test_clipped_step_fused_on_device_equals_clip_then_step(max_norm):
     torch.testing.assert_close(separate[-1], fused[-1], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("impl", ["fused", "foreach"])
+@pytest.mark.parametrize("impl", ["fused", "foreach", "compiled"])
 def test_clipped_step_skips_nonfinite_steps(impl):
     model, opt, flags, snapshots = _clipped_run(impl, 1.0, bad_steps={1, 2})
     assert flags == [0.0, 1.0, 1.0, 0.0]
@@ -276,6 +278,28 @@ def test_clipped_step_skips_nonfinite_steps(impl):
         ref_opt.zero_grad()
     torch.testing.assert_close(snapshots[3], torch.cat([p.detach().flatten() for p in ref.parameters()]),
                                rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_state_moves_to_and_from_fused():
+    """The compiled optimizer keeps torch's AdamW state: a state dict saved by either resumes in the other, and
+    the next steps agree."""
+    runs = {}
+    for first, second in (("fused", "compiled"), ("compiled", "fused"), ("fused", "fused")):
+        torch.manual_seed(0)
+        model = Tiny()
+        opt = build_optimizer([model], Optimizer(implementation=first))
+        for step in range(2):
+            model(torch.tensor([[1, 2, step]])).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        resumed = build_optimizer([model], Optimizer(implementation=second))
+        resumed.load_state_dict(opt.state_dict())
+        model(torch.tensor([[1, 2, 3]])).square().mean().backward()
+        resumed.step()
+        assert {float(state["step"]) for state in resumed.state.values()} == {3.0}
+        runs[(first, second)] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(runs[("fused", "compiled")], runs[("fused", "fused")])
+    torch.testing.assert_close(runs[("compiled", "fused")], runs[("fused", "fused")])
 
 
 def test_clipped_step_leaves_no_scaler_attributes():
@@ -315,20 +339,22 @@ def _fsdp_worker(rank: int, world_size: int, port: int) -> None:
         opt.zero_grad()
 
         # the clipped step on the device (grad_scale / found_inf next to DTensor parameters) equals the
-        # single-process one
-        opt, ref_opt = (build_optimizer([m], Optimizer(implementation="fused")) for m in (model, ref))
-        ref.load_state_dict({k: v.full_tensor() for k, v in model.state_dict().items()})
-        ref_opt.zero_grad()
-        for bad in (False, True, False):
-            for m, o in ((model, opt), (ref, ref_opt)):
-                loss = m(tokens).square().mean()
-                loss.backward()
-                params = [p for p in m.parameters() if p.grad is not None]
-                clipped_step([o], params, loss.detach() * (float("nan") if bad else 1.0),
-                             clip_grad_norm_(params, 0.0), 0.05)
-                o.zero_grad()
-        for p, q in zip(model.parameters(), ref.parameters()):
-            torch.testing.assert_close(p.full_tensor(), q, rtol=1e-5, atol=1e-7)
+        # single-process one, for the fused and the compiled kernel
+        for impl in ("fused", "compiled"):
+            opt, ref_opt = (build_optimizer([m], Optimizer(implementation=impl)) for m in (model, ref))
+            ref.load_state_dict({k: v.full_tensor() for k, v in model.state_dict().items()})
+            ref_opt.zero_grad()
+            for bad in (False, True, False):
+                for m, o in ((model, opt), (ref, ref_opt)):
+                    loss = m(tokens).square().mean()
+                    loss.backward()
+                    params = [p for p in m.parameters() if p.grad is not None]
+                    clipped_step([o], params, loss.detach() * (float("nan") if bad else 1.0),
+                                 clip_grad_norm_(params, 0.0), 0.05)
+                    o.zero_grad()
+            for p, q in zip(model.parameters(), ref.parameters()):
+                torch.testing.assert_close(p.full_tensor(), q, rtol=1e-5, atol=1e-7)
+            assert all(isinstance(state["exp_avg"], DTensor) for state in opt.state.values())
 
         # pipeline-stage reduction: every rank holds different (plain) parameters
         torch.manual_seed(100 + rank)

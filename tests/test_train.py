@@ -124,6 +124,16 @@ def test_config_errors_name_the_key(overrides, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_compiled_optimizer_trains_like_the_fused_one(tmp_path):
+    """optimizer.implementation = compiled: the same losses as torch's fused AdamW (float32, one process)."""
+    for impl in ("fused", "compiled"):
+        run_training(1, tmp_path / impl, SHORT + ["--training.steps=3", f"--optimizer.implementation={impl}"])
+    reference, losses = logged(tmp_path / "fused"), logged(tmp_path / "compiled")
+    assert sorted(losses) == [1, 2, 3]
+    for step, ref in reference.items():
+        assert abs(losses[step] - ref) <= 1e-5 * ref, (step, losses[step], ref)
+
+
 def test_loss_chunks_train_like_the_logits(tmp_path):
     """training.loss_chunk_tokens: the same losses as logits + loss (float32, one process, 512 tokens in chunks
     of 100, gradient accumulation over 2 micro-batches)."""

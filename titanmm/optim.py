@@ -1,7 +1,8 @@
 """Optimizer, learning-rate schedule and gradient clipping.
 
 * :func:`build_optimizer` - AdamW/Adam over the trainable parameters of all model parts, with weight
-  decay on matrices/embeddings only, fused/foreach/for-loop kernels, DTensor (FSDP2/TP) parameters.
+  decay on matrices/embeddings only, fused/foreach/for-loop kernels or a compiled one
+  (titanmm.compiled_adamw), DTensor (FSDP2/TP) parameters.
 * :func:`build_lr_scheduler` / :func:`lr_at` - linear warm-up then cosine, linear, constant or
   warmup-stable-decay (wsd).
 * :func:`clip_grad_norm_` - global L2 gradient norm over plain tensors and DTensors, optional
@@ -26,7 +27,7 @@ from titanmm.config.job_config import LRScheduler, Optimizer
 logger = logging.getLogger(__name__)
 
 _OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
-_IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
+_IMPLEMENTATIONS = ("fused", "foreach", "for-loop", "compiled")
 _DECAY_TYPES = ("cosine", "linear", "constant", "wsd")
 
 
@@ -104,6 +105,10 @@ def build_optimizer(model_parts: list[nn.Module], config: Optimizer) -> torch.op
         raise ValueError("build_optimizer: the model has no trainable parameters")
     params = [p for g in groups for p in g["params"]]
     kwargs = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+    if config.implementation == "compiled":
+        from titanmm.compiled_adamw import CompiledAdamW
+
+        return CompiledAdamW(groups, **kwargs, decoupled=cls is torch.optim.AdamW)
     kernel = _kernel_kwargs(config.implementation, params)
     try:
         return cls(groups, **kwargs, **kernel)
@@ -276,10 +281,12 @@ def _clip_grads_(params: list[torch.Tensor], max_norm: float, total: torch.Tenso
 
 
 def steps_on_device(optimizers: list[torch.optim.Optimizer]) -> bool:
-    """Whether every optimizer runs torch's fused Adam(W) kernel, which divides the gradients by a
-    device scalar (``grad_scale``) and skips the update when a device flag (``found_inf``) is set:
-    then clipping and the skip of a non-finite step need no host synchronisation."""
-    return bool(optimizers) and all(o.defaults.get("fused") for o in optimizers)
+    """Whether every optimizer runs torch's fused Adam(W) kernel or titanmm's compiled one
+    (`titanmm.compiled_adamw`), which divide the gradients by a device scalar (``grad_scale``) and skip the
+    update when a device flag (``found_inf``) is set: then clipping and the skip of a non-finite step need
+    no host synchronisation."""
+    return bool(optimizers) and all(o.defaults.get("fused") or getattr(o, "steps_on_device", False)
+                                    for o in optimizers)
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ def test_optimizer_step_benchmark(tmp_path, fsdp, backward_seq):
     assert result["fsdp"] is fsdp and result["ranks"] == 1 and result["params_per_rank"] > 0
     assert result["adamw_bytes_per_rank"] == 28 * result["params_per_rank"] and result["grad_norm_ms"] > 0
     assert result["gradients"] == (f"one backward of {backward_seq} tokens" if backward_seq else "random")
-    assert set(result["implementations"]) == {"fused", "foreach"}
+    assert set(result["implementations"]) == {"fused", "compiled", "foreach"}
     for r in result["implementations"].values():
         assert r["ms"] > 0 and r["bytes_per_s"] > 0 and r["fraction_of_copy_bandwidth"] > 0
     assert result["commit"] and result["command"].startswith("python benchmarks/optimizer_step.py")

@@ -110,13 +110,16 @@ def test_single_gpu_autocast_follows_fsdp(tmp_path, model):
         assert abs(again[step] - autocast[step]) <= 1e-3 * autocast[step], (step, again[step], autocast[step])
 
 
-@pytest.mark.parametrize("model", ["llama_compiled", "vlm"])
+@pytest.mark.parametrize("model", ["llama_compiled", "llama_compiled_optimizer", "vlm"])
 def test_steps_between_logs_never_wait_for_the_gpu(tmp_path, in_process, monkeypatch, model):
     """After warm-up, a training step queues its work and returns without one host synchronisation (clipping
     and the skip of a non-finite step run inside the fused AdamW kernel, batches come pinned, the VLM checks
     its image placeholders on the device); the losses are read at the logged steps only."""
     config_file, extra = {"llama_compiled": ("debug_llama.toml", ["--compile.enable=true",
                                                                   "--activation_checkpoint.mode=selective"]),
+                          "llama_compiled_optimizer": ("debug_llama.toml", ["--compile.enable=true",
+                                                                            "--optimizer.implementation=compiled",
+                                                                            "--training.loss_chunk_tokens=512"]),
                           "vlm": ("debug_vlm.toml", ["--model.freeze=lm,vision"])}[model]
     trainer = Trainer(load_config(str(REPO / "train_configs" / config_file), [
         f"--job.dump_folder={tmp_path}", "--training.steps=6", "--metrics.log_freq=6", "--training.seq_len=512",

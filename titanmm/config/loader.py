@@ -160,7 +160,7 @@ def validate(config: JobConfig, world_size: int | None = None) -> None:
     _choice("training.single_device_mixed_precision", c.training.single_device_mixed_precision, ("autocast", "fsdp"))
     _choice("training.frozen_params_dtype", c.training.frozen_params_dtype, ("param", "bfloat16", "float16", "float32"))
     _choice("optimizer.name", c.optimizer.name, ("AdamW", "Adam"))
-    _choice("optimizer.implementation", c.optimizer.implementation, ("fused", "foreach", "for-loop"))
+    _choice("optimizer.implementation", c.optimizer.implementation, ("fused", "foreach", "for-loop", "compiled"))
     _positive("optimizer.lr", c.optimizer.lr, allow_zero=True)
     _choice("lr_scheduler.decay_type", c.lr_scheduler.decay_type, ("cosine", "linear", "constant", "wsd"))
     _positive("lr_scheduler.warmup_steps", c.lr_scheduler.warmup_steps, allow_zero=True)
