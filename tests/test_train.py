@@ -134,18 +134,6 @@ def test_compiled_optimizer_trains_like_the_fused_one(tmp_path):
         assert abs(losses[step] - ref) <= 1e-5 * ref, (step, losses[step], ref)
 
 
-def test_loss_chunks_train_like_the_logits(tmp_path):
-    """training.loss_chunk_tokens: the same losses as logits + loss (float32, one process, 512 tokens in chunks
-    of 100, gradient accumulation over 2 micro-batches)."""
-    run_training(1, tmp_path / "logits", SHORT + ["--training.steps=3", "--training.local_batch_size=4"])
-    run_training(1, tmp_path / "chunks", SHORT + ["--training.steps=3", "--training.local_batch_size=4",
-                                                  "--training.loss_chunk_tokens=100"])
-    reference, losses = logged(tmp_path / "logits"), logged(tmp_path / "chunks")
-    assert sorted(losses) == [1, 2, 3]
-    for step, ref in reference.items():
-        assert abs(losses[step] - ref) <= 1e-5 * ref, (step, losses[step], ref)
-
-
 @pytest.mark.parametrize("overrides, world_size, message", [
     (["--training.loss_chunk_tokens=-1"], 1, "training.loss_chunk_tokens = -1 must be >= 0"),
     (["--training.loss_chunk_tokens=64", "--parallelism.tensor_parallel_degree=2"], 2,
