@@ -67,7 +67,8 @@ class CompiledAdamW(torch.optim.AdamW):
         # 8 variants of one function in a VLM under pipeline parallelism, where the rest would run eagerly.
         import torch._dynamo.config as dynamo_config
 
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
 
     @torch.no_grad()
     def step(self, closure=None):
