@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100  # labels that do not count: torch's cross_entropy default (titanmm.data.packed.IGNORE_INDEX)
+from titanmm.data.packed import IGNORE_INDEX  # labels that do not count
 
 
 def cross_entropy_sum_and_grad(logits_cv: torch.Tensor, labels_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
