@@ -8,7 +8,7 @@ Builds the model on the meta device, shards it with titanmm's FSDP2 units when t
 random gradient (or the gradient of one real backward: --backward-seq), and times (median of --iters after
 --warmup; synchronized wall time, or CUDA events after a matmul load with --heat-ms) `clip_grad_norm_` (the norm)
 and `clipped_step` (clipping and AdamW in torch's fused kernel) for each --implementations entry. Reports
-milliseconds, the bytes AdamW must move (4 float32 reads and 3 writes per parameter: 28 bytes) and the bandwidth
+the first step's seconds (state creation; compilation for "compiled"), milliseconds, the bytes AdamW must move (4 float32 reads and 3 writes per parameter: 28 bytes) and the bandwidth
 that implies, beside a device-to-device copy's. On 2 H200s (full 8B, 4.0 B parameters per GPU) the clipped fused
 AdamW takes 43-47 ms alone, 62% of the copy bandwidth, and the whole optimizer phase 49.5 ms inside training (the
 trainer's `optimizer_ms`); a profiled step shows ~79 ms: the profiler's overhead, not the kernel's.
@@ -134,10 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         optimizer = build_optimizer([model], Optimizer(implementation=implementation))
         norm = clip_grad_norm_(params, 0.0)
         step = functools.partial(clipped_step, [optimizer], params, loss, norm, 1.0)
+        first_s = median_seconds(step, device, warmup=0, iters=1)  # state creation (and compilation: "compiled")
         ms = 1e3 * timed_seconds(step, device, args.warmup, args.iters, args.heat_ms)
         bytes_per_s = ADAMW_BYTES_PER_PARAM * local_params / (ms / 1e3)
         result["implementations"][implementation] = {
-            "ms": ms, "bytes_per_s": bytes_per_s, "fraction_of_copy_bandwidth": bytes_per_s / bandwidth}
+            "first_step_s": first_s, "ms": ms, "bytes_per_s": bytes_per_s,
+            "fraction_of_copy_bandwidth": bytes_per_s / bandwidth}
         del optimizer, step  # its state goes before the next one is made
     if rank == 0:
         print(json.dumps(result, indent=1), flush=True)

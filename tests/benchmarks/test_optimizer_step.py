@@ -24,5 +24,5 @@ def test_optimizer_step_benchmark(tmp_path, fsdp, backward_seq):
     assert result["gradients"] == (f"one backward of {backward_seq} tokens" if backward_seq else "random")
     assert set(result["implementations"]) == {"fused", "compiled", "foreach"}
     for r in result["implementations"].values():
-        assert r["ms"] > 0 and r["bytes_per_s"] > 0 and r["fraction_of_copy_bandwidth"] > 0
+        assert r["ms"] > 0 and r["bytes_per_s"] > 0 and r["fraction_of_copy_bandwidth"] > 0 and r["first_step_s"] > 0
     assert result["commit"] and result["command"].startswith("python benchmarks/optimizer_step.py")
