@@ -8,8 +8,9 @@ Builds the model on the meta device, shards it with titanmm's FSDP2 units when t
 random gradient (or the gradient of one real backward: --backward-seq), and times (median of --iters after
 --warmup; synchronized wall time, or CUDA events after a matmul load with --heat-ms) `clip_grad_norm_` (the norm)
 and `clipped_step` (clipping and AdamW in torch's fused kernel) for each --implementations entry. Reports
-the first step's seconds (state creation; compilation for "compiled"), milliseconds, the bytes AdamW must move (4 float32 reads and 3 writes per parameter: 28 bytes) and the bandwidth
-that implies, beside a device-to-device copy's. On 2 H200s (full 8B, 4.0 B parameters per GPU) the clipped fused
+the first step's seconds (state creation; compilation for "compiled"), milliseconds, the bytes AdamW must move
+(4 float32 reads and 3 writes per parameter: 28 bytes) and the bandwidth that implies, beside a device-to-device
+copy's. On 2 H200s (full 8B, 4.0 B parameters per GPU) the clipped fused
 AdamW takes 43-47 ms alone, 62% of the copy bandwidth, and the whole optimizer phase 49.5 ms inside training (the
 trainer's `optimizer_ms`); a profiled step shows ~79 ms: the profiler's overhead, not the kernel's.
 """
