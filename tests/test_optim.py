@@ -302,6 +302,48 @@ def test_compiled_state_moves_to_and_from_fused():
     torch.testing.assert_close(runs[("compiled", "fused")], runs[("fused", "fused")])
 
 
+def test_compiled_update_is_one_graph_for_all_shapes():
+    """The compiled update takes one flattened parameter with a dynamic length: the 5 shapes of Tiny (and a
+    second step) reuse the graphs of the first parameters (one per weight decay), not one graph per shape."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = build_optimizer([model], Optimizer(implementation="compiled"))
+    for step in range(2):
+        model(torch.tensor([[1, 2, step]])).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
+def test_compiled_updates_wrapped_fp8_weights_in_place():
+    """A weight that is a tensor subclass wrapping a plain tensor (torchao's FP8 all-gather weight, here with a
+    precomputed scale, which the compiler cannot fake) is updated through the tensor it wraps, as the fused
+    kernel updates it."""
+    float8_fsdp = pytest.importorskip("torchao.float8.fsdp_utils")
+    from torchao.float8.float8_training_tensor import LinearMMConfig
+
+    results = []
+    for impl in ("fused", "compiled"):
+        torch.manual_seed(0)
+        model = Tiny()
+        initial = model.proj.weight.detach().clone()
+        weight = initial.clone()
+        model.proj.weight = nn.Parameter(float8_fsdp.WeightWithDynamicFloat8CastTensor(
+            weight, LinearMMConfig(), torch.float8_e4m3fn, torch.tensor(2.0)))
+        opt = build_optimizer([model], Optimizer(implementation=impl))
+        for step in range(2):
+            model.proj.weight.grad = torch.full_like(weight, 0.1 * (step + 1))
+            opt.step()
+        assert isinstance(model.proj.weight.data, float8_fsdp.WeightWithDynamicFloat8CastTensor)
+        results.append(model.proj.weight.detach()._tensor.clone())
+    assert not torch.equal(results[1], initial)
+    torch.testing.assert_close(results[1], results[0])
+
+
 def test_clipped_step_leaves_no_scaler_attributes():
     _, opt, _, _ = _clipped_run("fused", 0.5, bad_steps={1})
     assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
