@@ -319,13 +319,14 @@ def test_compiled_update_is_one_graph_for_all_shapes():
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
 
 
-def test_compiled_updates_wrapped_fp8_weights_in_place():
+def test_compiled_updates_wrapped_fp8_weights_in_place(monkeypatch):
     """A weight that is a tensor subclass wrapping a plain tensor (torchao's FP8 all-gather weight, here with a
     precomputed scale, which the compiler cannot fake) is updated through the tensor it wraps, as the fused
-    kernel updates it."""
+    kernel updates it, and is unwrapped once (its __tensor_flatten__ synchronises with the GPU)."""
     float8_fsdp = pytest.importorskip("torchao.float8.fsdp_utils")
     from torchao.float8.float8_training_tensor import LinearMMConfig
 
+    real_flatten = float8_fsdp.WeightWithDynamicFloat8CastTensor.__tensor_flatten__
     results = []
     for impl in ("fused", "compiled"):
         torch.manual_seed(0)
@@ -335,9 +336,14 @@ def test_compiled_updates_wrapped_fp8_weights_in_place():
         model.proj.weight = nn.Parameter(float8_fsdp.WeightWithDynamicFloat8CastTensor(
             weight, LinearMMConfig(), torch.float8_e4m3fn, torch.tensor(2.0)))
         opt = build_optimizer([model], Optimizer(implementation=impl))
-        for step in range(2):
+        flattened = []  # the subclass's __tensor_flatten__ reads its scale on the host: a GPU sync each time
+        monkeypatch.setattr(float8_fsdp.WeightWithDynamicFloat8CastTensor, "__tensor_flatten__",
+                            lambda self: flattened.append(1) or real_flatten(self))
+        for step in range(3):
             model.proj.weight.grad = torch.full_like(weight, 0.1 * (step + 1))
+            flattened.clear()
             opt.step()
+        assert impl == "fused" or not flattened, "the compiled optimizer unwraps a weight once, not every step"
         assert isinstance(model.proj.weight.data, float8_fsdp.WeightWithDynamicFloat8CastTensor)
         results.append(model.proj.weight.detach()._tensor.clone())
     assert not torch.equal(results[1], initial)

@@ -15,9 +15,27 @@ as torchao's FP8 all-gather weight (whose precomputed scale fails under the comp
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+
+# Wrapper subclass -> the tensor it wraps. Found once per wrapper: torchao's FP8 weight's __tensor_flatten__ reads
+# its precomputed scale with `if tensor:`, a host synchronisation (one per parameter and step, uncached).
+# By identity (tensors compare elementwise), dropped with the wrapper.
+_wrapped: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _unwrap(wrapper: torch.Tensor) -> torch.Tensor:
+    entry = _wrapped.get(id(wrapper))
+    if entry is not None and entry[0]() is wrapper:
+        return entry[1]
+    inner = getattr(wrapper, wrapper.__tensor_flatten__()[0][0])
+    _wrapped[id(wrapper)] = (weakref.ref(wrapper), inner)
+    weakref.finalize(wrapper, _wrapped.pop, id(wrapper), None)
+    return inner
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
@@ -26,7 +44,7 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     dispatch through the FP8 weight's subclass, ~70 us a parameter)."""
     local = t._local_tensor if isinstance(t, DTensor) else t
     while is_traceable_wrapper_subclass(local):  # e.g. torchao's WeightWithDynamicFloat8CastTensor
-        inner = getattr(local, local.__tensor_flatten__()[0][0])
+        inner = _unwrap(local)
         if inner.shape != local.shape or inner.dtype != local.dtype:
             raise TypeError(f"the compiled AdamW cannot update a {type(local).__name__} in place: its first inner "
                             f"tensor is {tuple(inner.shape)} {inner.dtype}, not {tuple(local.shape)} {local.dtype}")
