@@ -87,6 +87,11 @@ for probe in ${PROBES:-attention cudnn acnone fp8plain decode}; do
               compare --workload "$w" ${GPUS:+--gpus "$GPUS"} --only titanmm --tag compiled_optimizer --steps 34 \
                   --log-freq 10 --titanmm-arg=--optimizer.implementation=compiled
             done ;;
+    fp8_cast)  # FP8 all-gather: the cast before it compiled (default) against torchao's eager cast, same call
+            for w in ${PAIR_WORKLOADS:-llama3_8b_fp8}; do for fused in true false; do
+              compare --workload "$w" ${GPUS:+--gpus "$GPUS"} --only titanmm --tag "fused_all_gather_cast_$fused" \
+                  --steps 34 --log-freq 10 "--titanmm-arg=--float8.fused_all_gather_cast=$fused"
+            done; done ;;
     optimizer_step)  # the norm + clipped fused AdamW alone (full 8B over GPUS ranks, or LAYERS layers)
             python3 -m torch.distributed.run --standalone --nproc_per_node="${GPUS:-1}" benchmarks/optimizer_step.py \
                 --flavor llama3_8b ${LAYERS:+--n-layers "$LAYERS"} --json "$OUT/optimizer_step.json" 2>&1 | tail -25 ;;

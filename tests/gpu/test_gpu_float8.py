@@ -49,3 +49,23 @@ def test_float8_two_gpu_layouts_follow_one_gpu(tmp_path, layout):
     one, two = logged(tmp_path / "one"), logged(tmp_path / layout)
     for step in (1, 10, 30):
         assert abs(two[step] - one[step]) <= 0.02 * one[step], (step, two[step], one[step])
+
+
+@pytest.mark.parametrize("float8_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fused_all_gather_cast_has_torchaos_bits_on_gpu(float8_dtype):
+    """The compiled pre-all-gather cast (Triton's float32 -> float8 conversion) gives torchao's eager bits, for
+    a Llama 3 8B-sized shard with values beyond the float8 range."""
+    from torchao.float8.float8_training_tensor import LinearMMConfig
+    from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
+
+    from titanmm.parallel.float8_weight import Float8AllGatherWeight
+
+    torch.manual_seed(0)
+    values = torch.randn(7168, 4096, device="cuda") * 0.02
+    values[0, :3] = torch.tensor([1.0, -1.0, 1e-30])  # saturated at the scale below, and a flush to zero
+    scale = (torch.finfo(float8_dtype).max / values.abs().amax() * 2).float()
+    ours = Float8AllGatherWeight(values, LinearMMConfig(), float8_dtype, scale)
+    theirs = WeightWithDynamicFloat8CastTensor(values, LinearMMConfig(), float8_dtype, scale)
+    (bits,), _ = ours.fsdp_pre_all_gather(None)
+    (expected,), _ = theirs.fsdp_pre_all_gather(None)
+    assert torch.equal(bits.view(torch.uint8), expected.view(torch.uint8))

@@ -110,7 +110,8 @@ class Training:
     """> 0: the output layer returns the loss, computing the logits, the cross-entropy and their gradients this
     many tokens at a time inside the forward (titanmm.models.lm_head), so the [tokens, vocabulary] logits and their
     gradient never exist whole (Llama 3 at 8,192 tokens per GPU: 2 x 2 GiB). 0: the logits, then the loss. Not
-    with pipeline or tensor parallelism, an FP8 output layer, or multimodal.loss_scaling = "sqrt_length"."""
+    with pipeline or tensor parallelism, an FP8 output layer, or multimodal.loss_scaling = "sqrt_length".
+    Measured on Llama 3 8B, 2 H200s, FSDP2 + compile: 1,024 saves 1.0 GiB and costs 1.4% of tokens/s."""
     max_norm: float = 1.0
     """Gradient clipping by global L2 norm; 0 disables clipping."""
     seed: int = 0
@@ -248,6 +249,10 @@ class Float8:
     """tensorwise only: FSDP2 all-gathers the weights already cast to FP8 (half the bytes of bf16)."""
     precompute_float8_dynamic_scale_for_fsdp: bool = True
     """tensorwise with FP8 all-gather: compute every weight's scale in one fused step after the optimizer step."""
+    fused_all_gather_cast: bool = True
+    """tensorwise with FP8 all-gather and precomputed scales: cast each weight shard to FP8 before its all-gather
+    in one compiled kernel (titanmm.parallel.float8_weight; the same bits) instead of torchao's three eager ones
+    (scale, clamp, convert: 21 instead of 5 bytes of traffic per parameter, twice a step)."""
     filter_fqns: list[str] = field(default_factory=lambda: ["output", "patch_embed"])
     """Modules never converted, by name path component ("output" = the LM head, "patch_embed" = the vision
     patch embedding, "vision" = the whole vision tower). Linears with dims not divisible by 16 never are."""

@@ -8,7 +8,8 @@ weights, optimizer state and everything outside the linears stay in high precisi
 
 - ``tensorwise``: one scale per tensor. With FSDP2 the weights are cast to float8 *before* the
   all-gather (half the bytes of bf16), and the per-tensor scales of all weights are computed in one
-  fused step after each optimizer step (``precompute_float8_dynamic_scale_for_fsdp``). Under TP the
+  fused step after each optimizer step (``precompute_float8_dynamic_scale_for_fsdp``); the cast before the
+  all-gather is one compiled kernel (``float8_weight.Float8AllGatherWeight``). Under TP the
   float8 TP styles cast activations before their collectives.
 - ``rowwise``: one scale per row (more accurate, a little slower); ``rowwise_with_gw_hp`` keeps the
   weight-gradient matmul in high precision. Plain TP styles; no float8 all-gather.
@@ -75,7 +76,13 @@ def convert_to_float8(model: nn.Module, config: Float8) -> list[str]:
         return True
 
     float8.convert_to_float8_training(model, module_filter_fn=keep, config=float8_linear_config(config))
-    logger.info(f"float8 ({config.recipe}): {len(converted)} linear layers converted")
+    fused = ""
+    if uses_float8_all_gather(config) and config.precompute_float8_dynamic_scale_for_fsdp \
+            and config.fused_all_gather_cast:
+        from titanmm.parallel.float8_weight import use_fused_float8_cast
+
+        fused = f", {use_fused_float8_cast(model)} weights cast to FP8 for the all-gather in one compiled kernel"
+    logger.info(f"float8 ({config.recipe}): {len(converted)} linear layers converted{fused}")
     return converted
 
 
