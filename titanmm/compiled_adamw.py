@@ -21,6 +21,8 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from titanmm.utils.tensors import wrapped_tensor
+
 
 # Wrapper subclass -> the tensor it wraps. Found once per wrapper: torchao's FP8 weight's __tensor_flatten__ reads
 # its precomputed scale with `if tensor:`, a host synchronisation (one per parameter and step, uncached).
@@ -32,7 +34,7 @@ def _unwrap(wrapper: torch.Tensor) -> torch.Tensor:
     entry = _wrapped.get(id(wrapper))
     if entry is not None and entry[0]() is wrapper:
         return entry[1]
-    inner = getattr(wrapper, wrapper.__tensor_flatten__()[0][0])
+    inner = wrapped_tensor(wrapper)
     _wrapped[id(wrapper)] = (weakref.ref(wrapper), inner)
     weakref.finalize(wrapper, _wrapped.pop, id(wrapper), None)
     return inner
@@ -43,12 +45,8 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     A step calls this 4 times per parameter: the DTensor's own local tensor, not `to_local()`'s view of it (a
     dispatch through the FP8 weight's subclass, ~70 us a parameter)."""
     local = t._local_tensor if isinstance(t, DTensor) else t
-    while is_traceable_wrapper_subclass(local):  # e.g. torchao's WeightWithDynamicFloat8CastTensor
-        inner = _unwrap(local)
-        if inner.shape != local.shape or inner.dtype != local.dtype:
-            raise TypeError(f"the compiled AdamW cannot update a {type(local).__name__} in place: its first inner "
-                            f"tensor is {tuple(inner.shape)} {inner.dtype}, not {tuple(local.shape)} {local.dtype}")
-        local = inner
+    if is_traceable_wrapper_subclass(local):  # e.g. torchao's WeightWithDynamicFloat8CastTensor
+        local = _unwrap(local)
     local = local.detach()
     return local.view(-1) if local.is_contiguous() else local
 

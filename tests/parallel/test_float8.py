@@ -125,3 +125,14 @@ def test_emulated_float8_layouts_match_single_process(tmp_path):
     assert sorted(after) == [3, 4]
     for step in (3, 4):
         assert abs(after[step] - losses["tensorwise_fsdp2"][step]) <= 1e-6 * after[step]
+
+    # The checkpoint holds plain tensors, not the FP8 weights' wrapper classes (pickled by class path, they
+    # would load only where that class is importable and allowlisted): a run without FP8 resumes from it.
+    for shard in (resumed / "checkpoint" / "step-2").glob("*.distcp"):
+        assert b"Float8AllGatherWeight" not in shard.read_bytes() and b"fsdp_utils" not in shard.read_bytes()
+    plain = tmp_path / "plain_from_fp8"
+    shutil.copytree(resumed / "checkpoint" / "step-2", plain / "checkpoint" / "step-2")
+    run_training(2, plain, COMMON + ["--float8.enable=false"] + runs["tensorwise_fsdp2"][1])
+    from_fp8 = logged(plain)
+    assert sorted(from_fp8) == [3, 4]
+    assert abs(from_fp8[3] - after[3]) <= 1e-3 * after[3]  # the same weights, matmuls no longer FP8-emulated

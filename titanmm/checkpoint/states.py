@@ -24,11 +24,21 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from titanmm.utils.tensors import without_wrapper
+
 __all__ = ["ModelState", "OptimizerState", "SchedulerState", "TrainState"]
 
 
 def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _plain_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    """The state with wrapper-subclass tensors (FP8 all-gather weights, and the optimizer moments made from
+    them) as the plain tensors they wrap, sharing storage (loads write through them). DCP pickles a subclass
+    by its class path: such a checkpoint would load only where that class is imported and allowlisted, not in
+    a bf16 run, a converter or an environment without torchao."""
+    return {key: without_wrapper(value) if isinstance(value, torch.Tensor) else value for key, value in state.items()}
 
 
 class ModelState(Stateful):
@@ -43,7 +53,7 @@ class ModelState(Stateful):
     def state_dict(self) -> dict[str, Any]:
         merged: dict[str, Any] = {}
         for part in self.model_parts:
-            merged.update(get_model_state_dict(part))
+            merged.update(_plain_tensors(get_model_state_dict(part)))
         return merged
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -73,7 +83,7 @@ class OptimizerState(Stateful):
     def state_dict(self) -> dict[str, Any]:
         merged: dict[str, Any] = {}
         for part, optim in zip(self.model_parts, self.optimizers):
-            merged.update(get_optimizer_state_dict(part, optim, options=self._OPTIONS))
+            merged.update(_plain_tensors(get_optimizer_state_dict(part, optim, options=self._OPTIONS)))
         return merged
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
