@@ -23,14 +23,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
-
-# The operations after which the result is still the weight (FSDP2's sharding, to_empty, copies): torchao's list.
-_PRESERVE_SUBCLASS = {
-    torch.ops.aten.empty_like.default, torch.ops.aten.new_zeros.default, torch.ops.aten.slice.Tensor,
-    torch.ops.aten.copy_.default, torch.ops.aten.view.default, torch.ops.aten.as_strided.default,
-    torch.ops.aten._to_copy.default, torch.ops.aten._pin_memory.default, torch.ops.aten.split.Tensor,
-    torch.ops.aten.clone.default,
-}
+# The operations after which the result is still the weight (FSDP2's sharding, to_empty, copies): torchao's own
+# list, so the subclass follows the base class's behaviour.
+from torchao.float8.fsdp_utils import _ops_to_preserve_subclass as _PRESERVE_SUBCLASS
 
 
 def scale_and_cast(x: torch.Tensor, scale: torch.Tensor, float8_dtype: torch.dtype) -> torch.Tensor:
