@@ -97,13 +97,14 @@ def test_config_errors(overrides, message):
 
 @pytest.mark.slow
 def test_emulated_float8_layouts_match_single_process(tmp_path):
-    """tensorwise: 1 rank == FSDP2 x 2 (FP8 all-gather + precomputed scales), and a resume from step 2 on
-    FSDP2 continues the same losses; rowwise: 1 rank == TP 2. FP8 emulation stays within 1e-3 of float32."""
+    """tensorwise: 1 rank == FSDP2 x 2 (FP8 all-gather + precomputed scales, the fused cast), and a resume from
+    step 2 on FSDP2 continues the same losses; rowwise: 1 rank == TP 2. FP8 emulation stays within 1e-3 of
+    float32."""
     runs = {
         "fp32": (1, ["--training.local_batch_size=4", "--float8.enable=false"]),
         "tensorwise_1": (1, ["--training.local_batch_size=4"]),
         "tensorwise_fsdp2": (2, ["--training.local_batch_size=4", "--checkpoint.enable=true",
-                                 "--checkpoint.interval=2"]),
+                                 "--checkpoint.interval=2", "--float8.fused_all_gather_cast=true"]),
         "rowwise_1": (1, ["--training.local_batch_size=4", "--float8.recipe=rowwise"]),
         "rowwise_tp2": (2, ["--training.local_batch_size=8", "--float8.recipe=rowwise",
                             "--parallelism.tensor_parallel_degree=2"]),

@@ -19,7 +19,8 @@ from titanmm.parallel.float8_weight import Float8AllGatherWeight, use_fused_floa
 def _converted(**float8) -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 48))
-    convert_to_float8(model, Float8(enable=True, emulate=True, filter_fqns=[], **float8))
+    convert_to_float8(model, Float8(enable=True, emulate=True, filter_fqns=[],
+                                    **{"fused_all_gather_cast": True, **float8}))
     return model
 
 
