@@ -38,13 +38,14 @@ def test_float8_loss_tracks_bf16(tmp_path, recipe):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("layout", ["fsdp2", "tp2"])
+@pytest.mark.parametrize("layout", ["fsdp2", "fsdp2_fused_cast", "tp2"])
 def test_float8_two_gpu_layouts_follow_one_gpu(tmp_path, layout):
-    """tensorwise FP8 with FP8 all-gather (FSDP2) and with the float8 TP styles follows the 1-GPU FP8 run."""
+    """tensorwise FP8 with FP8 all-gather (FSDP2; torchao's eager cast before the all-gather, or titanmm's
+    compiled one) and with the float8 TP styles follows the 1-GPU FP8 run."""
     steps = ["--training.steps=30", "--training.global_batch_size=8", "--training.local_batch_size=4"]
     common = COMMON + ["--float8.enable=true"] + steps
     run_training(1, tmp_path / "one", common)
-    extra = {"fsdp2": [], "tp2": ["--training.local_batch_size=8", "--parallelism.tensor_parallel_degree=2"]}[layout]
+    extra = {"fsdp2": [], "fsdp2_fused_cast": ["--float8.fused_all_gather_cast=true"], "tp2": ["--training.local_batch_size=8", "--parallelism.tensor_parallel_degree=2"]}[layout]
     run_training(2, tmp_path / layout, common + extra)
     one, two = logged(tmp_path / "one"), logged(tmp_path / layout)
     for step in (1, 10, 30):
