@@ -8,10 +8,9 @@ weights, optimizer state and everything outside the linears stay in high precisi
 
 - ``tensorwise``: one scale per tensor. With FSDP2 the weights are cast to float8 *before* the
   all-gather (half the bytes of bf16), and the per-tensor scales of all weights are computed in one
-  fused step after each optimizer step (``precompute_float8_dynamic_scale_for_fsdp``); with
-  ``float8.fused_all_gather_cast`` the cast before the all-gather is one compiled kernel
-  (``float8_weight.Float8AllGatherWeight``). Under TP the
-  float8 TP styles cast activations before their collectives.
+  fused step after each optimizer step (``precompute_float8_dynamic_scale_for_fsdp``); the cast before the
+  all-gather is one compiled kernel (``float8_weight.Float8AllGatherWeight``, ``float8.fused_all_gather_cast``).
+  Under TP the float8 TP styles cast activations before their collectives.
 - ``rowwise``: one scale per row (more accurate, a little slower); ``rowwise_with_gw_hp`` keeps the
   weight-gradient matmul in high precision. Plain TP styles; no float8 all-gather.
 
