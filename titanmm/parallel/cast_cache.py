@@ -125,7 +125,7 @@ class CachedCastWeight(torch.Tensor):
             raise ValueError(f"a parameter cached for {self._cast_dtype} all-gathered in {dtype}")
         if self._cast is None:
             # FSDP2 pads dim 0 to a multiple of the shard count; the all-gather input has the padded rows.
-            shards = mesh.size(-1)
+            shards = mesh.size(mesh.ndim - 1)  # the shard dimension (torch 2.11 rejects -1)
             padded_rows = -(-outer_size[0] // shards)
             self._cast = self._tensor.new_zeros((padded_rows, *self._tensor.shape[1:]), dtype=dtype)
         version = self._values_version()
