@@ -10,9 +10,7 @@ checkpoints move between implementations.
 The update is compiled for one parameter, flattened, with its length dynamic: one graph serves every parameter
 of a dtype and weight decay (compiling a graph over all 291 parameters of Llama 3 8B took 167 s on an H200).
 Parameters reach it as plain tensors: the local shard of a DTensor, the inner tensor of a wrapper subclass such
-as torchao's FP8 all-gather weight (whose precomputed scale fails under the compiler's fake tensors). A
-parameter whose FSDP2 all-gather copy is cached (titanmm.parallel.cast_cache) gets that copy written by the
-same kernel, so FSDP2 never casts it.
+as torchao's FP8 all-gather weight (whose precomputed scale fails under the compiler's fake tensors).
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from titanmm.parallel.cast_cache import CachedCastWeight
 from titanmm.utils.tensors import wrapped_tensor
 
 
@@ -54,18 +51,11 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     return local.view(-1) if local.is_contiguous() else local
 
 
-def _cached_cast(p: torch.Tensor) -> CachedCastWeight | None:
-    """The parameter's FSDP2 all-gather copy, which the update writes too (titanmm.parallel.cast_cache)."""
-    local = p._local_tensor if isinstance(p, DTensor) else p
-    return local if isinstance(local, CachedCastWeight) else None
-
-
 def _adam_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                  step: torch.Tensor, lr: torch.Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
-                 decoupled: bool, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
-                 param_cast: torch.Tensor | None = None) -> None:
+                 decoupled: bool, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
     """torch's fused Adam(W) math for one parameter, in place; with found_inf == 1 nothing changes (the count
-    included). `param_cast`: also write the new parameter there, in its (lower) dtype."""
+    included)."""
     grad = grad if grad_scale is None else grad / grad_scale
     new_step = step + 1
     new_param = param
@@ -87,8 +77,6 @@ def _adam_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
         new_exp_avg_sq = torch.where(keep, exp_avg_sq, new_exp_avg_sq)
         new_step = torch.where(keep, step, new_step)
     param.copy_(new_param)
-    if param_cast is not None:
-        param_cast.copy_(new_param)
     exp_avg.copy_(new_exp_avg)
     exp_avg_sq.copy_(new_exp_avg_sq)
     step.copy_(new_step)
@@ -142,11 +130,7 @@ class CompiledAdamW(torch.optim.AdamW):
             skip = None if found_inf is None else found_inf.to(device)
             for p in members:
                 state = self.state[p]
-                param, cached = _plain(p), _cached_cast(p)
-                cast = cached.cast_buffer() if cached is not None and param.dim() == 1 else None
-                _compiled_adam_update(param, _plain(p.grad), _plain(state["exp_avg"]), _plain(state["exp_avg_sq"]),
+                _compiled_adam_update(_plain(p), _plain(p.grad), _plain(state["exp_avg"]), _plain(state["exp_avg_sq"]),
                                       state["step"], lr, float(beta1), float(beta2), float(group["eps"]),
-                                      float(group["weight_decay"]), self.decoupled, scale, skip, cast)
-                if cast is not None:
-                    cached.mark_cast_current()
+                                      float(group["weight_decay"]), self.decoupled, scale, skip)
         return loss

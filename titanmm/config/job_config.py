@@ -202,11 +202,6 @@ class Parallelism:
     fsdp_reshard_after_forward: str = "default"
     """default, always or never: free gathered parameters after forward (never = ZeRO-2 like). default: every unit
     but the final norm + output layer (whose backward comes first)."""
-    fsdp_cache_param_casts: bool = False
-    """Keep each float32 parameter shard's copy in the compute dtype (mixed_precision_param) between FSDP2
-    all-gathers, re-cast only after the parameter changed, instead of casting before every all-gather (twice a
-    step with resharding); the compiled optimizer writes the copy in its update kernel, so it is never cast
-    (titanmm.parallel.cast_cache). Costs 2 bytes per parameter of the shard."""
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
@@ -10,16 +9,11 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from titanmm.parallel import cast_cache
-
-logger = logging.getLogger("titanmm")
-
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def apply_fsdp(model: nn.Module, block_dicts: Sequence[nn.ModuleDict], dp_mesh: DeviceMesh, param_dtype: str,
-               reduce_dtype: str, reshard_after_forward: str = "default", lm: nn.Module | None = None,
-               cache_param_casts: bool = False) -> None:
+               reduce_dtype: str, reshard_after_forward: str = "default", lm: nn.Module | None = None) -> None:
     """fully_shard every block of each ModuleDict (in forward order), the language model `lm`'s token embedding
     and its final norm + output layer as units of their own, then `model` as the root unit.
 
@@ -32,12 +26,8 @@ def apply_fsdp(model: nn.Module, block_dicts: Sequence[nn.ModuleDict], dp_mesh: 
 
     Parameters are cast to `param_dtype` for compute. Frozen ones may be stored in another dtype than the
     trainable ones of their unit (training.frozen_params_dtype): FSDP2 requires one dtype among trainable
-    parameters only, and all-gathers a unit's parameters in one dtype once cast. With `cache_param_casts` each
-    parameter's cast copy is kept between all-gathers (titanmm.parallel.cast_cache)."""
+    parameters only, and all-gathers a unit's parameters in one dtype once cast."""
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
-    if cache_param_casts:
-        count = cast_cache.cache_param_casts(model, DTYPES[param_dtype])
-        logger.info(f"FSDP2: {count} parameters keep their {param_dtype} copy between all-gathers")
 
     def shard(module, reshard: bool) -> None:
         fully_shard(module, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
