@@ -222,16 +222,18 @@ def torchtitan_argv(w: Workload, gpus: int, steps: int, dump: Path, assets: Path
 
 
 def plan(w: Workload, gpus: int, steps: int, work: Path, titanmm_args: list[str] = (),
-         peer_args: list[str] = (), log_freq: int = 1, warmup: int = 5) -> list[Run]:
+         peer_args: list[str] = (), log_freq: int = 1, warmup: int = 5,
+         side_env: dict[str, dict[str, str]] | None = None) -> list[Run]:
     """The processes of one comparison, in order. `titanmm_args` / `peer_args` are appended to the commands of
-    titanmm / the peer (training peers only); both training sides log every `log_freq` steps (the LLaVA SFT peer
-    times its steps after `warmup` as one window)."""
+    titanmm / the peer (training peers only), `side_env[side]` added to that side's environment; both training
+    sides log every `log_freq` steps (the LLaVA SFT peer times its steps after `warmup` as one window)."""
     runs = _plan(w, gpus, steps, work, log_freq, warmup)
     for run in runs:
         if run.side == "titanmm":
             run.argv += list(titanmm_args)
         elif run.side == "peer":
             run.argv += list(peer_args)
+        run.env.update((side_env or {}).get(run.side, {}))
     return runs
 
 
@@ -754,6 +756,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer-arg", action="append", default=[], metavar="ARG",
                         help="append ARG to the peer's command (training workloads; repeatable; e.g. "
                              "--peer-arg=--activation_checkpoint.mode --peer-arg=none for torchtitan)")
+    parser.add_argument("--titanmm-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="set an environment variable for titanmm's processes only (repeatable; recorded in "
+                             "its command; e.g. --titanmm-env=NCCL_PROTO=Simple)")
+    parser.add_argument("--peer-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="set an environment variable for the peer's processes only (repeatable)")
     parser.add_argument("--tag", default="", help="suffix of the results file's name, for a variant of a workload")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of both sides and exit")
     args = parser.parse_args(argv)
@@ -769,12 +776,20 @@ def main(argv: list[str] | None = None) -> int:
     if w.kind != "decode" and args.steps < args.warmup + args.log_freq:
         parser.error(f"--steps {args.steps} leaves no logged window of --log-freq {args.log_freq} steps after "
                      f"--warmup {args.warmup}")
+    side_env = {}
+    for side, pairs in (("titanmm", args.titanmm_env), ("peer", args.peer_env)):
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                parser.error(f"--{side}-env {pair!r}: expected KEY=VALUE")
+            side_env.setdefault(side, {})[key] = value
     command = shlex.join(["python", "benchmarks/compare.py", *(sys.argv[1:] if argv is None else argv)])
 
     if args.dry_run:
         work = Path(tempfile.gettempdir()) / f"titanmm_compare_{w.name}"
         print(f"# {w.name}: {gpus} GPU(s); peer {w.peer}")
-        for run in plan(w, gpus, args.steps, work, args.titanmm_arg, args.peer_arg, args.log_freq, args.warmup):
+        for run in plan(w, gpus, args.steps, work, args.titanmm_arg, args.peer_arg, args.log_freq, args.warmup,
+                        side_env):
             print(f"# {run.side}: {run.label}\n{run.shell()}")
         return 0
 
@@ -801,7 +816,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix=f"titanmm_compare_{w.name}_"))
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n##### {command}  ({device}, {date})\n")
-        for run in plan(w, gpus, args.steps, work, args.titanmm_arg, args.peer_arg, args.log_freq, args.warmup):
+        for run in plan(w, gpus, args.steps, work, args.titanmm_arg, args.peer_arg, args.log_freq, args.warmup,
+                        side_env):
             run_sides = run.needed_by if run.side == "setup" else (run.side,)
             if args.only and args.only not in run_sides:
                 continue

@@ -92,6 +92,14 @@ for probe in ${PROBES:-attention cudnn acnone fp8plain decode}; do
               compare --workload "$w" ${GPUS:+--gpus "$GPUS"} --only titanmm --tag "fused_all_gather_cast_$fused" \
                   --steps 34 --log-freq 10 "--titanmm-arg=--float8.fused_all_gather_cast=$fused"
             done; done ;;
+    nccl)  # titanmm alone with NCCL's protocol / channel count set (its collectives' SMs, beside the matmuls)
+            for w in ${PAIR_WORKLOADS:-llama3_8b_bf16}; do
+              for env in ${NCCL_VARIANTS:-default NCCL_PROTO=Simple NCCL_MAX_NCHANNELS=8 NCCL_MAX_NCHANNELS=4}; do
+                extra=(); [ "$env" = default ] || extra=("--titanmm-env=$env")
+                compare --workload "$w" --gpus "${GPUS:-2}" --only titanmm --tag "nccl_${env//=/_}" --steps 34 \
+                    --log-freq 10 ${extra[@]+"${extra[@]}"}
+              done
+            done ;;
     optimizer_step)  # the norm + clipped fused AdamW alone (full 8B over GPUS ranks, or LAYERS layers)
             python3 -m torch.distributed.run --standalone --nproc_per_node="${GPUS:-1}" benchmarks/optimizer_step.py \
                 --flavor llama3_8b ${LAYERS:+--n-layers "$LAYERS"} --json "$OUT/optimizer_step.json" 2>&1 | tail -25 ;;

@@ -180,6 +180,19 @@ def test_dry_run_gpus_and_argument_checks(capsys):
         compare.main(["--workload", "llama3_8b_proxy_bf16", "--steps", "5", "--warmup", "5", "--dry-run"])
 
 
+def test_dry_run_side_environments(capsys):
+    """--titanmm-env / --peer-env reach one side's processes only, in their recorded commands."""
+    assert compare.main(["--workload", "llama3_8b_bf16", "--gpus", "2", "--dry-run", "--titanmm-env=NCCL_PROTO=Simple",
+                         "--peer-env", "NCCL_MAX_NCHANNELS=8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    titanmm = lines[lines.index("# titanmm: titanmm") + 1]
+    peer = next(line for line in lines if line.startswith("TT_LAYERS="))
+    assert "NCCL_PROTO=Simple " in titanmm and "NCCL_MAX_NCHANNELS" not in titanmm
+    assert "NCCL_MAX_NCHANNELS=8 " in peer and "NCCL_PROTO" not in peer
+    with pytest.raises(SystemExit):
+        compare.main(["--workload", "llama3_8b_bf16", "--dry-run", "--titanmm-env=NCCL_PROTO"])
+
+
 def result_file(tmp_path, name, **fields):
     base = {"workload": "llama3_8b_proxy_bf16", "device": H100, "gpus": 1, "date": "2026-11-22", "commit": "f47c52d",
             "peer_name": "torchtitan 0.2.2", "memory": "peak reserved (caching allocator)", "ratio": 0.9,
