@@ -77,6 +77,22 @@ for probe in ${PROBES:-attention cudnn acnone fp8plain decode}; do
                   --title "torchtitan, $w, rank 0, step 10" --out "$OUT/profile/${w}_torchtitan_rank0_kernels.txt" \
                   | sed -n 1,16p
             done ;;
+    pair_memory)  # both sides at torchtitan's checkpointing policy (op), memory snapshots at step 10 read alike
+            for w in ${PAIR_WORKLOADS:-llama3_8b_fp8}; do
+              rm -rf /tmp/memory_titanmm /tmp/memory_peer
+              compare --workload "$w" ${GPUS:+--gpus "$GPUS"} --tag memory_op --steps 10 --log-freq 5 \
+                  --titanmm-arg=--activation_checkpoint.selective_ac_option=op \
+                  --titanmm-arg=--profiling.enable_memory_snapshot=true --titanmm-arg=--profiling.profile_freq=10 \
+                  --titanmm-arg=--profiling.save_memory_snapshot_folder=/tmp/memory_titanmm \
+                  --peer-arg=--profiling.enable_memory_snapshot --peer-arg=--profiling.profile_freq --peer-arg=10 \
+                  --peer-arg=--profiling.save_memory_snapshot_folder --peer-arg=/tmp/memory_peer
+              mkdir -p "$OUT/profile"
+              cp /tmp/memory_titanmm/iteration_10/rank0_memory_peak.txt "$OUT/profile/${w}_op_titanmm_rank0_memory_peak.txt"
+              sed -n 1,12p "$OUT/profile/${w}_op_titanmm_rank0_memory_peak.txt"
+              python3 benchmarks/memory_breakdown.py /tmp/memory_peer/iteration_10/rank0_memory_snapshot.pickle \
+                  --title "torchtitan, $w, op, rank 0, step 10" \
+                  --out "$OUT/profile/${w}_op_torchtitan_rank0_memory_peak.txt" | sed -n 1,12p
+            done ;;
     loss_chunks)  # titanmm alone with the output layer returning the loss (training.loss_chunk_tokens)
             for w in ${PAIR_WORKLOADS:-llama3_8b_proxy_bf16}; do for chunk in ${CHUNKS:-4096 1024}; do
               compare --workload "$w" ${GPUS:+--gpus "$GPUS"} --only titanmm --tag "loss_chunks_$chunk" --steps 34 \

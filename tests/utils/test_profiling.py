@@ -72,6 +72,9 @@ def test_kernel_breakdown_categories_idle_and_top_kernels():
     # Busy: [0, 10500) plus the 40 short kernels (each inside its own 10 us slot); idle is the rest of 20 ms.
     busy = 10500 + sum(10 - i * 0.1 for i in range(40))
     assert _table_row(text, "idle")[1:3] == [f"{(20000 - busy) / 1e3:.2f}", f"{100 * (20000 - busy) / 20000:.1f}%"]
+    # The all-gather runs alone between the two gemms, [4000, 5000): 1 ms exposed.
+    exposed = next(line for line in text.splitlines() if line.startswith("exposed comm"))
+    assert exposed.split()[2:4] == ["1.00", "ms"] and exposed.split()[4] == f"{100 * 1000 / 20000:.1f}%"
     top = text.split("by total time\n")[1].splitlines()[1:]
     assert len(top) == 30
     assert top[0].split()[-1] == "sm90_xmma_gemm_bf16" and top[0].split()[2] == "2"  # two calls, summed
@@ -82,7 +85,7 @@ def test_kernel_breakdown_categories_idle_and_top_kernels():
 
 def test_kernel_breakdown_on_cpu_says_so():
     text = kernel_breakdown([("aten::linear", 0, 50), ("aten::add", 60, 10)], wall_us=100, on_device=False)
-    assert "CPU operator time" in text.splitlines()[1]
+    assert "CPU operator time" in text.splitlines()[1] and "exposed comm" not in text
     assert _table_row(text, "idle")[1:3] == ["0.04", "40.0%"]
 
 

@@ -335,9 +335,11 @@ class Profiling:
     """Steps recorded per window; the profile_freq - profiler_warmup - profiler_active steps before them wait."""
     enable_memory_snapshot: bool = False
     """CUDA only: record the caching allocator's history; every profile_freq steps and on an out-of-memory error
-    write {job.dump_folder}/memory_snapshot/iteration_{step}/ (iteration_{step}_oom/): rank{r}_memory_snapshot.pickle
+    write {save_memory_snapshot_folder}/iteration_{step}/ (iteration_{step}_oom/): rank{r}_memory_snapshot.pickle
     (for pytorch.org/memory_viz) and rank{r}_memory_peak.txt (peak memory, the largest allocations alive at the peak
     by Python stack)."""
+    save_memory_snapshot_folder: str = "memory_snapshot"
+    """Memory snapshot folder, relative to job.dump_folder unless absolute."""
     snapshot_max_entries: int = 100000
     """Allocator events kept in the recorded history (older ones are dropped): the peak is found within them."""
 

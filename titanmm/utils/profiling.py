@@ -10,7 +10,7 @@ With `enable_profiling`, the profiler records the `profiler_active` steps ending
   (`kernel_breakdown`; on CPU, where there are no kernels, host operator time).
 
 With `enable_memory_snapshot` (CUDA), the caching allocator records its history, and at the same steps (and on an
-out-of-memory error) {dump_folder}/memory_snapshot/iteration_{step}/ (iteration_{step}_oom/) gets
+out-of-memory error) {dump_folder}/{save_memory_snapshot_folder}/iteration_{step}/ (iteration_{step}_oom/) gets
 rank{r}_memory_snapshot.pickle (drag it into pytorch.org/memory_viz) and rank{r}_memory_peak.txt
 (`memory_peak_summary`: peak statistics and the largest allocations alive at the peak, by Python stack).
 
@@ -115,6 +115,10 @@ def kernel_breakdown(events: list[tuple[str, float, float]], wall_us: float, tit
     def ms(us: float) -> str:
         return f"{us / 1e3:10.2f}"
 
+    # Exposed communication: collectives running while no other kernel does (busy time minus the busy time of
+    # the rest), what overlapping them with compute would still have to hide.
+    compute = [(start, duration) for name, start, duration in events if kernel_category(name) != "communication"]
+    exposed_us = max(busy_us - min(busy_time_us(compute), wall_us), 0.0) if on_device else 0.0
     if on_device:
         source = "CUDA kernels on the device timeline, all streams"
         idle_causes = "launch gaps, host syncs, data loading"
@@ -126,6 +130,8 @@ def kernel_breakdown(events: list[tuple[str, float, float]], wall_us: float, tit
              f"(or of its last {what}, if later)",
              f"{'busy time':<14}{ms(busy_us)} ms {pct(busy_us, wall_us)}  union of the {what} intervals",
              f"{'idle time':<14}{ms(idle_us)} ms {pct(idle_us, wall_us)}  wall - busy: no {what} runs ({idle_causes})",
+             *([f"{'exposed comm':<14}{ms(exposed_us)} ms {pct(exposed_us, wall_us)}  communication kernels "
+                "running alone (busy - busy of all other kernels)"] if on_device else []),
              f"{what + ' time':<14}{ms(kernel_us)} ms {'':>7}  sum of the {what} durations"
              + (" (above busy where streams overlap, e.g. NCCL with compute)" if on_device else ""),
              "", f"{'category':<16}{'ms':>10} {f'% {what}s':>10} {'% wall':>8}"]
@@ -239,10 +245,11 @@ def user_stack(frames: list[dict], depth: int = STACK_DEPTH) -> tuple[str, ...]:
     return tuple(stack)
 
 
-def memory_peak_summary(snapshot: dict, stats: dict, device_index: int = 0, title: str = "",
+def memory_peak_summary(snapshot: dict, stats: dict | None, device_index: int = 0, title: str = "",
                         top_k: int = TOP_STACKS) -> str:
-    """Plain-text account of peak memory: torch.cuda.memory_stats() peaks, then the allocations alive at the peak
-    of the recorded history (`live_blocks_at_peak`) summed by identical Python stack, the `top_k` largest first."""
+    """Plain-text account of peak memory: torch.cuda.memory_stats() peaks (`stats`; None when only the snapshot
+    was saved, e.g. by another trainer), then the allocations alive at the peak of the recorded history
+    (`live_blocks_at_peak`) summed by identical Python stack, the `top_k` largest first."""
 
     def gib(n: float) -> str:
         return f"{n / _GIB:.2f} GiB"
@@ -251,21 +258,26 @@ def memory_peak_summary(snapshot: dict, stats: dict, device_index: int = 0, titl
         return int(stats.get(key, 0))
 
     blocks, peak, n_events = live_blocks_at_peak(snapshot, device_index)
-    lines = [title or "memory at the peak",
-             f"torch.cuda.memory_stats peaks (since the last reset; the metrics logger resets them at each log step): "
-             f"allocated {gib(stat('allocated_bytes.all.peak'))}, requested {gib(stat('requested_bytes.all.peak'))}, "
-             f"reserved {gib(stat('reserved_bytes.all.peak'))}",
-             f"now: allocated {gib(stat('allocated_bytes.all.current'))}, reserved "
-             f"{gib(stat('reserved_bytes.all.current'))}; allocator retries {stat('num_alloc_retries')} (cache "
-             f"flushes after a failed cudaMalloc), out-of-memory errors {stat('num_ooms')}",
-             f"alive at the peak of the recorded history ({n_events} allocation events): {gib(peak)} requested in "
-             f"{len(blocks)} allocations"]
+    lines = [title or "memory at the peak"]
+    if stats is None:
+        segments = [s for s in snapshot.get("segments", []) if s.get("device", device_index) == device_index]
+        lines.append(f"torch.cuda.memory_stats: not saved with this snapshot; reserved at the snapshot "
+                     f"{gib(sum(s.get('total_size', 0) for s in segments))} in {len(segments)} segments")
+    else:
+        lines += [f"torch.cuda.memory_stats peaks (since the last reset; the metrics logger resets them at each log "
+                  f"step): allocated {gib(stat('allocated_bytes.all.peak'))}, requested "
+                  f"{gib(stat('requested_bytes.all.peak'))}, reserved {gib(stat('reserved_bytes.all.peak'))}",
+                  f"now: allocated {gib(stat('allocated_bytes.all.current'))}, reserved "
+                  f"{gib(stat('reserved_bytes.all.current'))}; allocator retries {stat('num_alloc_retries')} (cache "
+                  f"flushes after a failed cudaMalloc), out-of-memory errors {stat('num_ooms')}"]
+    lines.append(f"alive at the peak of the recorded history ({n_events} allocation events): {gib(peak)} requested "
+                 f"in {len(blocks)} allocations")
     traces = snapshot.get("device_traces", [])
     ooms = [e for e in (traces[device_index] if device_index < len(traces) else []) if e["action"] == "oom"]
     if ooms:
         lines.append(f"out of memory: an allocation of {gib(ooms[-1]['size'])} failed with "
                      f"{gib(ooms[-1].get('device_free', 0))} free on the device")
-    if stat("requested_bytes.all.peak") > peak:
+    if stats is not None and stat("requested_bytes.all.peak") > peak:
         lines.append("  (the memory_stats peak is higher: it came before the recorded history; raise "
                      "profiling.snapshot_max_entries to reach it)")
     groups: dict[tuple[str, ...], list[int]] = defaultdict(lambda: [0, 0, 0])  # stack -> bytes, count, largest
@@ -298,7 +310,7 @@ class Profiler:
     def __init__(self, config: Profiling, dump_folder: str | Path, rank: int, device: torch.device):
         self.config, self.rank, self.device = config, rank, device
         self.trace_folder = Path(dump_folder) / config.save_traces_folder
-        self.memory_folder = Path(dump_folder) / "memory_snapshot"
+        self.memory_folder = Path(dump_folder) / config.save_memory_snapshot_folder
         self.step_done = 0  # the last training step finished (1-based)
         self._torch_profiler: torch.profiler.profile | None = None
         self._recording_memory = False
