@@ -45,6 +45,7 @@ from titanmm.parallel import PARALLELIZE_FNS, ParallelDims
 from titanmm.parallel.context_parallel import context_parallel_micro_batch, image_feature_index
 from titanmm.parallel.float8 import (convert_to_float8, for_shard_degree, precompute_scales,
                                     register_scale_precompute)
+from titanmm.parallel.grad_norm import BackwardGradNorm
 from titanmm.parallel.parallelize import frozen_params_dtype, mixed_precision_context
 from titanmm.parallel.pipeline import build_schedule, language_model, split_model
 from titanmm.utils.profiling import Profiler
@@ -165,6 +166,7 @@ class Trainer:
         for optimizer, part in zip(self.optimizers, self.model_parts):
             register_scale_precompute(optimizer, [part], config.float8)
         self.schedulers = [build_lr_scheduler(o, config.lr_scheduler, t.steps) for o in self.optimizers]
+        self.backward_grad_norm = self._build_backward_grad_norm()
         self.train_state = TrainState()
         self._unsettled: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # see settle_steps
         # CUDA events around each optimizer phase (norm, clip, step, zero_grad) since the last log: "optimizer_ms".
@@ -335,7 +337,10 @@ class Trainer:
         loss_t = all_reduce(loss_sum, group=dp_cp_group) / global_count.clamp(min=1.0)
         params = [p for part in self.model_parts for p in part.parameters() if p.grad is not None]
         events = self._record_optimizer_start()
-        grad_norm_t = clip_grad_norm_(params, 0.0, pp_mesh=self.dims.mesh_for("pp") if self.dims.pp > 1 else None)
+        grad_norm_t = None if self.backward_grad_norm is None else self.backward_grad_norm.total(params)
+        if grad_norm_t is None:
+            pp_mesh = self.dims.mesh_for("pp") if self.dims.pp > 1 else None
+            grad_norm_t = clip_grad_norm_(params, 0.0, pp_mesh=pp_mesh)
         skipped = clipped_step(self.optimizers, params, loss_t, grad_norm_t, self.config.training.max_norm)
         for optimizer, scheduler in zip(self.optimizers, self.schedulers):
             optimizer.zero_grad(set_to_none=True)
@@ -345,6 +350,17 @@ class Trainer:
             self._optimizer_events.append(events)
         self._unsettled.append((self.train_state.step + 1, loss_t, grad_norm_t, skipped))
         return loss_t, grad_norm_t
+
+    def _build_backward_grad_norm(self) -> BackwardGradNorm | None:
+        """training.grad_norm_in_backward's hooks, where the layout allows them (FSDP2 alone)."""
+        if not self.config.training.grad_norm_in_backward:
+            return None
+        trainable = [p for part in self.model_parts for p in part.parameters() if p.requires_grad]
+        if self.dims.pp > 1 or not BackwardGradNorm.supports(trainable):
+            logger.info("training.grad_norm_in_backward: needs FSDP2 over one mesh dimension (no TP, PP or HSDP); "
+                        "the gradient norm is computed after backward")
+            return None
+        return BackwardGradNorm(trainable)
 
     def _record_optimizer_start(self) -> tuple[torch.cuda.Event, torch.cuda.Event] | None:
         if self.device.type != "cuda":

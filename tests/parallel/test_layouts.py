@@ -16,6 +16,8 @@ LAYOUTS = {
                                  "--parallelism.enable_loss_parallel=false"]),
     "hsdp2x2": (4, ["--training.local_batch_size=2", "--parallelism.data_parallel_replicate_degree=2"]),
     "fsdp2_tp2": (4, ["--training.local_batch_size=4", "--parallelism.tensor_parallel_degree=2"]),
+    # the gradient norm from FSDP2's reduce-scatter hooks, over 2 accumulated micro-batches of 2
+    "fsdp2_grad_norm_in_backward": (2, ["--training.local_batch_size=2", "--training.grad_norm_in_backward=true"]),
     "fsdp2_full_ac": (2, ["--training.local_batch_size=4", "--activation_checkpoint.mode=full"]),
     "fsdp2_selective_ac": (2, ["--training.local_batch_size=4", "--activation_checkpoint.mode=selective"]),
     # every matmul output kept, and the output layer returning the loss in chunks of 96 of the 512 tokens
@@ -26,21 +28,25 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def reference_losses(tmp_path_factory):
+def reference(tmp_path_factory):
+    """The single-process run's losses and gradient norms."""
     folder = tmp_path_factory.mktemp("single")
     run_training(1, folder, COMMON + ["--training.local_batch_size=4"])  # 2 micro-batches of 4
     losses = logged(folder)
     assert len(losses) == STEPS
-    return losses
+    return losses, logged(folder, "grad_norm")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_layout_matches_single_process(layout, reference_losses, tmp_path):
+def test_layout_matches_single_process(layout, reference, tmp_path):
+    reference_losses, reference_norms = reference
     nproc, overrides = LAYOUTS[layout]
     run_training(nproc, tmp_path, COMMON + overrides)
     losses = logged(tmp_path)
+    norms = logged(tmp_path, "grad_norm")
     for step, ref in reference_losses.items():
         assert abs(losses[step] - ref) <= 1e-5 * abs(ref), (layout, step, losses[step], ref)
+        assert abs(norms[step] - reference_norms[step]) <= 1e-4 * reference_norms[step], (layout, step)
     # The run really trained: the loss moved.
     assert losses[STEPS] < losses[1]

@@ -114,6 +114,11 @@ class Training:
     Measured on Llama 3 8B, 2 H200s, FSDP2 + compile: 1,024 saves 1.0 GiB and costs 1.4% of tokens/s."""
     max_norm: float = 1.0
     """Gradient clipping by global L2 norm; 0 disables clipping."""
+    grad_norm_in_backward: bool = False
+    """Compute the gradient norm during backward, each FSDP2 gradient shard's as its reduce-scatter lands (on that
+    stream, beside the rest of backward), instead of reading every gradient again after backward
+    (titanmm.parallel.grad_norm). FSDP2 over one mesh dimension only (no TP, PP or HSDP); otherwise, and for a
+    step whose gradients did not all come from FSDP2's reduce-scatter, the norm is computed after backward."""
     seed: int = 0
     """Seed for weight initialisation, data shuffling and RNG."""
     deterministic: bool = False
