@@ -116,11 +116,17 @@ for probe in ${PROBES:-attention cudnn acnone fp8plain decode}; do
                     --log-freq 10 ${extra[@]+"${extra[@]}"}
               done
             done ;;
-    grad_norm)  # titanmm alone with the gradient norm computed during backward (training.grad_norm_in_backward)
-            for w in ${PAIR_WORKLOADS:-llama3_8b_bf16}; do for on in true false; do
-              compare --workload "$w" --gpus "${GPUS:-2}" --only titanmm --tag "grad_norm_in_backward_$on" --steps 34 \
-                  --log-freq 10 "--titanmm-arg=--training.grad_norm_in_backward=$on"
-            done; done ;;
+    step_edges)  # titanmm alone: the gradient norm in backward, the first all-gathers inside the optimizer step
+            for w in ${PAIR_WORKLOADS:-llama3_8b_bf16}; do
+              for variant in plain grad_norm gather both; do
+                extra=()
+                case $variant in grad_norm|both) extra+=(--titanmm-arg=--training.grad_norm_in_backward=true) ;; esac
+                case $variant in gather|both) extra+=(--titanmm-arg=--parallelism.fsdp_gather_during_optimizer=true) ;;
+                esac
+                compare --workload "$w" --gpus "${GPUS:-2}" --only titanmm --tag "step_edges_$variant" --steps 34 \
+                    --log-freq 10 ${extra[@]+"${extra[@]}"}
+              done
+            done ;;
     optimizer_step)  # the norm + clipped fused AdamW alone (full 8B over GPUS ranks, or LAYERS layers)
             python3 -m torch.distributed.run --standalone --nproc_per_node="${GPUS:-1}" benchmarks/optimizer_step.py \
                 --flavor llama3_8b ${LAYERS:+--n-layers "$LAYERS"} --json "$OUT/optimizer_step.json" 2>&1 | tail -25 ;;

@@ -95,6 +95,8 @@ class CompiledAdamW(torch.optim.AdamW):
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, decoupled: bool = True):
         super().__init__(params, lr=lr, betas=betas, eps=eps, foreach=False, fused=False)
         self.decoupled = decoupled
+        self.first_params: frozenset[int] = frozenset()  # ids of parameters to update first
+        self.after_first_params = None  # called once they are updated (titanmm.parallel.fsdp.GatherDuringOptimizer)
         # One compiled graph per dtype, weight decay, clipping on/off and flat or strided parameter: a VLM with
         # frozen and FP8 parts can pass dynamo's default of 8 variants of one function (the rest would run eagerly).
         import torch._dynamo.config as dynamo_config
@@ -109,6 +111,7 @@ class CompiledAdamW(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        updates = []  # (parameter, its group's settings), in update order
         for group in self.param_groups:
             members = [p for p in group["params"] if p.grad is not None]
             if not members:
@@ -128,9 +131,20 @@ class CompiledAdamW(torch.optim.AdamW):
             beta1, beta2 = group["betas"]
             scale = None if grad_scale is None else grad_scale.to(device)
             skip = None if found_inf is None else found_inf.to(device)
-            for p in members:
-                state = self.state[p]
-                _compiled_adam_update(_plain(p), _plain(p.grad), _plain(state["exp_avg"]), _plain(state["exp_avg_sq"]),
-                                      state["step"], lr, float(beta1), float(beta2), float(group["eps"]),
-                                      float(group["weight_decay"]), self.decoupled, scale, skip)
+            settings = (lr, float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
+                        self.decoupled, scale, skip)
+            updates += [(p, settings) for p in members]
+        # The parameters the next forward needs first are updated first (stable order otherwise), then
+        # `after_first_params` runs: e.g. starting their all-gathers beside the remaining updates.
+        first = self.first_params
+        updates.sort(key=lambda update: id(update[0]) not in first)
+        n_first = sum(id(p) in first for p, _ in updates)
+        for i, (p, settings) in enumerate(updates):
+            if i == n_first and self.after_first_params is not None:
+                self.after_first_params()
+            state = self.state[p]
+            _compiled_adam_update(_plain(p), _plain(p.grad), _plain(state["exp_avg"]), _plain(state["exp_avg_sq"]),
+                                  state["step"], *settings)
+        if n_first == len(updates) and self.after_first_params is not None:
+            self.after_first_params()
         return loss

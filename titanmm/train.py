@@ -45,6 +45,7 @@ from titanmm.parallel import PARALLELIZE_FNS, ParallelDims
 from titanmm.parallel.context_parallel import context_parallel_micro_batch, image_feature_index
 from titanmm.parallel.float8 import (convert_to_float8, for_shard_degree, precompute_scales,
                                     register_scale_precompute)
+from titanmm.parallel.fsdp import GatherDuringOptimizer, first_forward_units
 from titanmm.parallel.grad_norm import BackwardGradNorm
 from titanmm.parallel.parallelize import frozen_params_dtype, mixed_precision_context
 from titanmm.parallel.pipeline import build_schedule, language_model, split_model
@@ -167,6 +168,7 @@ class Trainer:
             register_scale_precompute(optimizer, [part], config.float8)
         self.schedulers = [build_lr_scheduler(o, config.lr_scheduler, t.steps) for o in self.optimizers]
         self.backward_grad_norm = self._build_backward_grad_norm()
+        self.gather_during_optimizer = self._build_gather_during_optimizer()
         self.train_state = TrainState()
         self._unsettled: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # see settle_steps
         # CUDA events around each optimizer phase (norm, clip, step, zero_grad) since the last log: "optimizer_ms".
@@ -351,6 +353,19 @@ class Trainer:
         self._unsettled.append((self.train_state.step + 1, loss_t, grad_norm_t, skipped))
         return loss_t, grad_norm_t
 
+    def _build_gather_during_optimizer(self) -> GatherDuringOptimizer | None:
+        """parallelism.fsdp_gather_during_optimizer, where it applies (an FSDP2 language model, one stage, the
+        compiled optimizer)."""
+        if not self.config.parallelism.fsdp_gather_during_optimizer:
+            return None
+        units = first_forward_units(self.model_parts[0]) if len(self.model_parts) == 1 else []
+        if self.dims.pp > 1 or self.config.optimizer.implementation != "compiled" or not units:
+            logger.info("parallelism.fsdp_gather_during_optimizer: needs an FSDP2 language model in one stage and "
+                        "optimizer.implementation = compiled; the first all-gathers follow the step")
+            return None
+        gather = GatherDuringOptimizer(units, self.optimizers)
+        return gather if gather.units else None
+
     def _build_backward_grad_norm(self) -> BackwardGradNorm | None:
         """training.grad_norm_in_backward's hooks, where the layout allows them (FSDP2 alone)."""
         if not self.config.training.grad_norm_in_backward:
@@ -431,6 +446,8 @@ class Trainer:
                 micro_batches = self.data.microbatches(step_index)
                 data_seconds += time.perf_counter() - fetch_start
                 lr = self.schedulers[0].get_last_lr()[0]
+                if self.gather_during_optimizer is not None:
+                    self.gather_during_optimizer.arm(step_index + 1 < cfg.training.steps)
                 self.train_step(micro_batches)
                 self.train_state.step += 1
                 step = self.train_state.step
@@ -466,6 +483,8 @@ class Trainer:
             self.profiler.out_of_memory()  # memory snapshot of the failed step
             raise
         finally:
+            if self.gather_during_optimizer is not None:
+                self.gather_during_optimizer.finish()
             self.profiler.stop()
             self.checkpoint.close()
             self.metrics.close()

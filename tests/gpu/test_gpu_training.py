@@ -141,19 +141,21 @@ def test_steps_between_logs_never_wait_for_the_gpu(tmp_path, in_process, monkeyp
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_grad_norm_in_backward_on_two_gpus(tmp_path):
+def test_step_edges_overlapped_on_two_gpus(tmp_path):
     """FSDP2 x 2 with the gradient norm from the reduce-scatter hooks (training.grad_norm_in_backward, computed on
-    FSDP2's reduce-scatter stream): the hooks fire for every gradient (no fallback), and the norms and losses
-    follow the norm computed after backward."""
+    FSDP2's reduce-scatter stream) and the first all-gathers started inside the optimizer step
+    (parallelism.fsdp_gather_during_optimizer): the hooks fire for every gradient (no fallback), and the norms and
+    losses follow the plain run's."""
     common = ["--model.flavor=llama3.2_1b", "--model.n_layers=2", "--training.dataset=shipped",
               "--training.seq_len=2048", "--training.local_batch_size=2", "--compile.enable=true",
               "--training.steps=20", "--lr_scheduler.warmup_steps=3", "--metrics.log_freq=1",
               "--optimizer.implementation=compiled", "--training.deterministic=true"]
     run_training(2, tmp_path / "after", common)
-    proc = run_training(2, tmp_path / "during", common + ["--training.grad_norm_in_backward=true"])
+    proc = run_training(2, tmp_path / "during", common + ["--training.grad_norm_in_backward=true",
+                                                          "--parallelism.fsdp_gather_during_optimizer=true"])
     assert "computing the norm after backward" not in proc.stdout + proc.stderr
     for key in ("grad_norm", "loss"):
         after, during = logged(tmp_path / "after", key), logged(tmp_path / "during", key)
-        print(f"{key} after / during backward:", [(s, after[s], during[s]) for s in (1, 10, 20)])
+        print(f"{key} plain / overlapped:", [(s, after[s], during[s]) for s in (1, 10, 20)])
         for step in range(1, 21):
             assert abs(during[step] - after[step]) <= 1e-5 * after[step], (key, step, during[step], after[step])

@@ -207,6 +207,11 @@ class Parallelism:
     fsdp_reshard_after_forward: str = "default"
     """default, always or never: free gathered parameters after forward (never = ZeRO-2 like). default: every unit
     but the final norm + output layer (whose backward comes first)."""
+    fsdp_gather_during_optimizer: bool = False
+    """Language models with the compiled optimizer: update the parameters of the units that open the forward
+    (token embedding, first block) first and start their all-gathers for the next step while the optimizer
+    updates the rest, instead of after the step with nothing to overlap them (titanmm.parallel.fsdp.
+    GatherDuringOptimizer). Units with FP8 all-gather weights are left out (their scales follow the step)."""
 
 
 @dataclass

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -53,3 +53,62 @@ def lm_edge_units(lm: nn.Module) -> tuple[nn.Module | None, list[nn.Module]]:
     if embedding is not None and output is not None and output.weight is embedding.weight:
         return None, []
     return embedding, [m for m in (norm, output) if m is not None]
+
+
+def unit_parameters(unit: nn.Module) -> list[nn.Parameter]:
+    """The parameters an FSDP2 unit manages itself (those of its child units excluded)."""
+    groups = getattr(unit._get_fsdp_state(), "_fsdp_param_groups", None)
+    if groups is None:  # torch releases before several parameter groups per unit
+        group = unit._get_fsdp_state()._fsdp_param_group
+        groups = [] if group is None else [group]
+    return [fsdp_param.sharded_param for group in groups for fsdp_param in group.fsdp_params]
+
+
+class GatherDuringOptimizer:
+    """Starts the next step's first all-gathers inside the optimizer step (parallelism.fsdp_gather_during_optimizer).
+
+    After the optimizer step FSDP2 all-gathers the units that open the forward (the token embedding, then the
+    first block) with nothing to overlap them: the first kernels of the forward wait for them. Here the compiled
+    AdamW (titanmm.compiled_adamw) updates those units' parameters first and then calls `start`, which issues
+    their all-gathers (`FSDPModule.unshard(async_op=True)`) beside the updates of all the other parameters; the
+    units' pre-forward hooks wait for them. Units holding FP8 all-gather weights are left out: their scales are
+    computed after the whole optimizer step. `arm(True)` before each step that a forward follows; `finish()`
+    when training stops waits for a pending all-gather and frees it."""
+
+    def __init__(self, units: list[nn.Module], optimizers: list[torch.optim.Optimizer]):
+        from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+        self.units = [u for u in units if unit_parameters(u) and not any(
+            is_traceable_wrapper_subclass(p._local_tensor) for p in unit_parameters(u))]
+        first = frozenset(id(p) for u in self.units for p in unit_parameters(u))
+        for optimizer in optimizers:
+            optimizer.first_params, optimizer.after_first_params = first, self.start
+        self.armed = False
+        self.pending = []  # (unit, handle) of the last step's all-gathers
+
+    def arm(self, next_forward: bool) -> None:
+        """Whether a forward follows the coming optimizer step (not after the last one)."""
+        self.armed = next_forward
+
+    def start(self) -> None:
+        if self.armed:
+            # Explicit unshards copy in on the current stream; the all-gathers run on NCCL's, waiting only for
+            # the updates queued so far.
+            self.pending = [(unit, unit.unshard(async_op=True)) for unit in self.units]
+        self.armed = False
+
+    def finish(self) -> None:
+        """Wait for and free all-gathers no forward consumed (training stopped after the step)."""
+        for unit, handle in self.pending:
+            if handle is not None:
+                handle.wait()  # a no-op once a forward waited for it
+            unit.reshard()
+        self.pending = []
+
+
+def first_forward_units(model: nn.Module) -> list[nn.Module]:
+    """The FSDP2 units of a titanmm language model whose all-gathers open its forward, in order: the root's own
+    parameters (a tied embedding), the token embedding, the first block."""
+    blocks = list(getattr(model, "layers", {}).values()) if hasattr(model, "layers") else []
+    candidates = [model, getattr(model, "tok_embeddings", None), blocks[0] if blocks else None]
+    return [m for m in candidates if isinstance(m, FSDPModule)]
