@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import print_report  # noqa: E402
 from titanmm.utils.profiling import memory_peak_summary  # noqa: E402
 
 
@@ -28,10 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(snapshot, dict) or "segments" not in snapshot:
         parser.error(f"{args.snapshot}: not a CUDA memory snapshot (no 'segments')")
     text = memory_peak_summary(snapshot, None, title=args.title or args.snapshot)
-    print(text, end="")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    print_report(text, args.out)
     return 0
 
 

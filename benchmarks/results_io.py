@@ -5,7 +5,8 @@
 * `cpu_description()` - the device line of a CPU benchmark;
 * `command_line()` - how a benchmark script was invoked, for its results file;
 * `write_results()` - a results file in benchmarks/results/ (JSON);
-* `last_json_line()` - the JSON a child process printed after a marker, for the script that launched it.
+* `last_json_line()` - the JSON a child process printed after a marker, for the script that launched it;
+* `print_report()` - a plain-text report to stdout and, when asked, to a file beside the results.
 """
 
 from __future__ import annotations
@@ -68,3 +69,11 @@ def last_json_line(text: str, marker: str) -> dict | None:
             except json.JSONDecodeError:
                 return None
     return None
+
+
+def print_report(text: str, out: str | Path | None = None) -> None:
+    """Print `text`; with `out`, also write it there (parent folders created)."""
+    print(text, end="")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import print_report  # noqa: E402
 from titanmm.utils.profiling import kernel_breakdown  # noqa: E402
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -47,10 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the breakdown here as well as to stdout")
     args = parser.parse_args(argv)
     text = trace_breakdown(load_trace(Path(args.trace)), args.title or args.trace)
-    print(text, end="")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    print_report(text, args.out)
     return 0
 
 

@@ -16,11 +16,10 @@ LAYOUTS = {
                                  "--parallelism.enable_loss_parallel=false"]),
     "hsdp2x2": (4, ["--training.local_batch_size=2", "--parallelism.data_parallel_replicate_degree=2"]),
     "fsdp2_tp2": (4, ["--training.local_batch_size=4", "--parallelism.tensor_parallel_degree=2"]),
-    # the gradient norm from FSDP2's reduce-scatter hooks, over 2 accumulated micro-batches of 2
-    "fsdp2_grad_norm_in_backward": (2, ["--training.local_batch_size=2", "--training.grad_norm_in_backward=true"]),
-    # the compiled optimizer updating the token embedding and first block first, then starting their all-gathers
-    "fsdp2_gather_during_optimizer": (2, ["--training.local_batch_size=4", "--optimizer.implementation=compiled",
-                                          "--parallelism.fsdp_gather_during_optimizer=true"]),
+    # the gradient norm from FSDP2's reduce-scatter hooks, over 2 accumulated micro-batches of 2; the compiled
+    # optimizer updating the token embedding and first block first, then starting their next all-gathers
+    "fsdp2_step_edges": (2, ["--training.local_batch_size=2", "--training.grad_norm_in_backward=true",
+                             "--optimizer.implementation=compiled", "--parallelism.fsdp_gather_during_optimizer=true"]),
     "fsdp2_full_ac": (2, ["--training.local_batch_size=4", "--activation_checkpoint.mode=full"]),
     "fsdp2_selective_ac": (2, ["--training.local_batch_size=4", "--activation_checkpoint.mode=selective"]),
     # every matmul output kept, and the output layer returning the loss in chunks of 96 of the 512 tokens
