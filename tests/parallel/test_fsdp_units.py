@@ -45,6 +45,7 @@ def test_pipeline_stage_without_edges():
 
 def _gather_worker(rank: int, world_size: int, port: int) -> None:
     from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+    from torch.distributed.tensor import DTensor
 
     from tests.utils import gloo_process_group
     from titanmm import compiled_adamw
@@ -94,7 +95,14 @@ def _gather_worker(rank: int, world_size: int, port: int) -> None:
                     assert events.count(("all-gather", True)) == 0
                 else:  # no forward follows the last step: nothing is gathered ahead
                     assert "update" in events and not any(isinstance(e, tuple) for e in events)
+            # training stops right after an armed step: finish() waits for the all-gathers and frees them
+            model(tokens).float().logsumexp(-1).mean().backward()
+            gather.arm(True)
+            optimizer.step()
+            assert len(gather.pending) == 2
             gather.finish()
+            assert not gather.pending and isinstance(model.tok_embeddings.weight, DTensor)  # resharded
+            model(tokens)
         finally:
             compiled_adamw._compiled_adam_update = update
             _fsdp_param_group.foreach_all_gather = all_gather
