@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
@@ -367,12 +368,13 @@ class Trainer:
         return gather if gather.units else None
 
     def _build_backward_grad_norm(self) -> BackwardGradNorm | None:
-        """training.grad_norm_in_backward's hooks, where the layout allows them (FSDP2 alone)."""
+        """training.grad_norm_in_backward's hooks, where the layout allows them (FSDP2, without PP)."""
         if not self.config.training.grad_norm_in_backward:
             return None
         trainable = [p for part in self.model_parts for p in part.parameters() if p.requires_grad]
-        if self.dims.pp > 1 or not BackwardGradNorm.supports(trainable):
-            logger.info("training.grad_norm_in_backward: needs FSDP2 over one mesh dimension (no TP, PP or HSDP); "
+        fsdp = any(isinstance(m, FSDPModule) for part in self.model_parts for m in part.modules())
+        if self.dims.pp > 1 or not fsdp or not BackwardGradNorm.supports(trainable):
+            logger.info("training.grad_norm_in_backward: needs FSDP2 (with HSDP or TP, not pipeline parallelism); "
                         "the gradient norm is computed after backward")
             return None
         return BackwardGradNorm(trainable)

@@ -1,6 +1,6 @@
 """titanmm.parallel.grad_norm: the gradient norm from FSDP2's reduce-scatter hooks equals the one computed after
-backward (gradient accumulation included), falls back when a gradient did not come from FSDP2, and applies to
-FSDP2 alone. (Training with it against one process: tests/parallel/test_layouts.py.)"""
+backward (gradient accumulation included) and falls back when a gradient did not come from FSDP2. (Training
+with it against one process under FSDP2, HSDP and FSDP2 + TP: tests/parallel/test_layouts.py.)"""
 
 import dataclasses
 
@@ -40,10 +40,11 @@ def _worker(rank: int, world_size: int, port: int) -> None:
             p.grad = torch.ones_like(p)
         assert norm.total(params) is None
         norm.remove()
-        from torch.distributed.tensor import DTensor, Replicate
+        from torch.distributed.tensor import DTensor, Partial, Replicate
 
         replicated = nn.Parameter(DTensor.from_local(torch.ones(2), params[0].device_mesh, [Replicate()]))
-        assert BackwardGradNorm.supports(params) and not BackwardGradNorm.supports(params + [replicated])
+        partial = nn.Parameter(DTensor.from_local(torch.ones(2), params[0].device_mesh, [Partial()]))
+        assert BackwardGradNorm.supports(params + [replicated]) and not BackwardGradNorm.supports(params + [partial])
 
 
 def test_norm_from_reduce_scatter_hooks_equals_the_norm_after_backward():

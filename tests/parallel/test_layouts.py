@@ -14,8 +14,11 @@ LAYOUTS = {
     "tp2": (2, ["--training.local_batch_size=4", "--parallelism.tensor_parallel_degree=2"]),
     "tp2_no_loss_parallel": (2, ["--training.local_batch_size=4", "--parallelism.tensor_parallel_degree=2",
                                  "--parallelism.enable_loss_parallel=false"]),
-    "hsdp2x2": (4, ["--training.local_batch_size=2", "--parallelism.data_parallel_replicate_degree=2"]),
-    "fsdp2_tp2": (4, ["--training.local_batch_size=4", "--parallelism.tensor_parallel_degree=2"]),
+    # with the gradient norm from FSDP2's reduce-scatter (and all-reduce) hooks: squares summed over shard dimensions
+    "hsdp2x2": (4, ["--training.local_batch_size=2", "--parallelism.data_parallel_replicate_degree=2",
+                    "--training.grad_norm_in_backward=true"]),
+    "fsdp2_tp2": (4, ["--training.local_batch_size=4", "--parallelism.tensor_parallel_degree=2",
+                      "--training.grad_norm_in_backward=true"]),
     # the gradient norm from FSDP2's reduce-scatter hooks, over 2 accumulated micro-batches of 2; the compiled
     # optimizer updating the token embedding and first block first, then starting their next all-gathers
     "fsdp2_step_edges": (2, ["--training.local_batch_size=2", "--training.grad_norm_in_backward=true",
@@ -44,7 +47,10 @@ def reference(tmp_path_factory):
 def test_layout_matches_single_process(layout, reference, tmp_path):
     reference_losses, reference_norms = reference
     nproc, overrides = LAYOUTS[layout]
-    run_training(nproc, tmp_path, COMMON + overrides)
+    proc = run_training(nproc, tmp_path, COMMON + overrides)
+    if "--training.grad_norm_in_backward=true" in overrides:  # the hooks computed every step's norm
+        assert "the gradient norm is computed after backward" not in proc.stdout + proc.stderr
+        assert "computing the norm after backward" not in proc.stdout + proc.stderr
     losses = logged(tmp_path)
     norms = logged(tmp_path, "grad_norm")
     for step, ref in reference_losses.items():

@@ -117,8 +117,8 @@ class Training:
     grad_norm_in_backward: bool = False
     """Compute the gradient norm during backward, each FSDP2 gradient shard's as its reduce-scatter lands (on that
     stream, beside the rest of backward), instead of reading every gradient again after backward
-    (titanmm.parallel.grad_norm). FSDP2 over one mesh dimension only (no TP, PP or HSDP); otherwise, and for a
-    step whose gradients did not all come from FSDP2's reduce-scatter, the norm is computed after backward."""
+    (titanmm.parallel.grad_norm). FSDP2, HSDP and FSDP2 + TP, not pipeline parallelism; there, and for a step
+    whose gradients did not all come from FSDP2's reduce-scatter, the norm is computed after backward."""
     seed: int = 0
     """Seed for weight initialisation, data shuffling and RNG."""
     deterministic: bool = False

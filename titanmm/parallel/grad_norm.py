@@ -6,12 +6,14 @@ gradient once more on the compute stream with nothing to overlap (Llama 3 8B ove
 during backward and sets each parameter's sharded gradient on its reduce-scatter stream, where it then calls the
 parameter's post-accumulate-grad hooks. `BackwardGradNorm` hooks every trainable parameter: the hook computes the
 L2 norm of the local shard there, beside the rest of backward, into a slot of a device buffer. After backward
-only the combination is left: a sum of squares, one all-reduce over the data-parallel ranks, a square root.
+only the combination is left: sums of squares, all-reduced over the ranks that hold shards, a square root.
 
-It applies to FSDP2 over a one-dimensional mesh with every trainable parameter a Shard(0) DTensor (no tensor or
-pipeline parallelism, no HSDP: `BackwardGradNorm.supports`). With gradient accumulation the hooks fire at every
-micro-batch; the last values stand. If a parameter has a gradient whose hook did not fire this step (set some
-other way), `total()` returns None and the caller computes the norm after backward as before.
+Parameters may be DTensors over any mesh (FSDP2, HSDP, FSDP2 + TP): the squared norms of the parameters sharded
+over the same mesh dimensions are summed together and all-reduced over those dimensions only (a dimension a
+parameter is replicated over holds the same values on every rank). Not with pipeline parallelism (the trainer
+computes the norm after backward there). With gradient accumulation the hooks fire at every micro-batch; the
+last values stand. If a parameter has a gradient whose hook did not fire this step (set some other way),
+`total()` returns None and the caller computes the norm after backward as before.
 """
 
 from __future__ import annotations
@@ -21,9 +23,15 @@ import logging
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 logger = logging.getLogger("titanmm")
+
+
+def _sharded(placement) -> bool:
+    """Each rank of the mesh dimension holds its own part: Shard, or FSDP2's strided shard over a TP shard (in
+    torch 2.13 not a Shard subclass)."""
+    return not (placement.is_replicate() or placement.is_partial())
 
 
 class BackwardGradNorm:
@@ -32,23 +40,30 @@ class BackwardGradNorm:
 
     def __init__(self, params: list[nn.Parameter]):
         if not self.supports(params):
-            raise ValueError("BackwardGradNorm needs trainable FSDP2 parameters sharded as Shard(0) over one "
-                             "1-D mesh")
+            raise ValueError("BackwardGradNorm needs trainable DTensor parameters on one mesh, each sharded or "
+                             "replicated over every mesh dimension")
         self.mesh = params[0].device_mesh
         self.slot = {id(p): i for i, p in enumerate(params)}
         device = params[0]._local_tensor.device
         self.norms = torch.zeros(len(params), dtype=torch.float32, device=device)  # shard norms, this step
+        # Slots by the mesh dimensions their parameter is sharded over: (slot indices on the device, dimensions).
+        by_dims: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(params):
+            sharded_over = tuple(d for d, placement in enumerate(p.placements) if _sharded(placement))
+            by_dims.setdefault(sharded_over, []).append(i)
+        self.groups = [(torch.tensor(slots, device=device), dims) for dims, slots in by_dims.items()]
         self.fired: set[int] = set()
         self._fallbacks = 0
         self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
 
     @staticmethod
     def supports(params: list[nn.Parameter]) -> bool:
-        """Every parameter a DTensor on the same 1-D mesh, Shard(0): FSDP2 alone."""
+        """Every parameter a DTensor on the same mesh, sharded or replicated (not partial) over each dimension."""
         if not params or not all(isinstance(p, DTensor) for p in params):
             return False
         mesh = params[0].device_mesh
-        return mesh.ndim == 1 and all(p.device_mesh == mesh and tuple(p.placements) == (Shard(0),) for p in params)
+        return all(p.device_mesh == mesh and all(_sharded(pl) or pl.is_replicate() for pl in p.placements)
+                   for p in params)
 
     @torch.no_grad()
     def _hook(self, param: nn.Parameter) -> None:
@@ -64,10 +79,15 @@ class BackwardGradNorm:
         complete = all(id(p) in self.fired for p in params if p.grad is not None)
         total = None
         if complete:
-            squares = self.norms.square().sum()
-            if self.mesh.size() > 1:
-                dist.all_reduce(squares, group=self.mesh.get_group())
-            total = squares.sqrt()
+            squares = self.norms.square()
+            total = torch.zeros((), dtype=torch.float32, device=squares.device)
+            for slots, dims in self.groups:
+                partial = squares[slots].sum()
+                for dim in dims:
+                    if self.mesh.size(dim) > 1:
+                        dist.all_reduce(partial, group=self.mesh.get_group(dim))
+                total = total + partial
+            total = total.sqrt()
         else:
             self._fallbacks += 1
             if self._fallbacks == 1:
