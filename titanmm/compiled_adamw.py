@@ -134,17 +134,16 @@ class CompiledAdamW(torch.optim.AdamW):
             settings = (lr, float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
                         self.decoupled, scale, skip)
             updates += [(p, settings) for p in members]
-        # The parameters the next forward needs first are updated first (stable order otherwise), then
-        # `after_first_params` runs: e.g. starting their all-gathers beside the remaining updates.
-        first = self.first_params
-        updates.sort(key=lambda update: id(update[0]) not in first)
-        n_first = sum(id(p) in first for p, _ in updates)
-        for i, (p, settings) in enumerate(updates):
-            if i == n_first and self.after_first_params is not None:
-                self.after_first_params()
+        # The parameters the next forward needs first are updated first, then `after_first_params` runs (e.g.
+        # starting their all-gathers beside the remaining updates).
+        self._update([u for u in updates if id(u[0]) in self.first_params])
+        if self.after_first_params is not None:
+            self.after_first_params()
+        self._update([u for u in updates if id(u[0]) not in self.first_params])
+        return loss
+
+    def _update(self, updates: list[tuple[torch.Tensor, tuple]]) -> None:
+        for p, settings in updates:
             state = self.state[p]
             _compiled_adam_update(_plain(p), _plain(p.grad), _plain(state["exp_avg"]), _plain(state["exp_avg_sq"]),
                                   state["step"], *settings)
-        if n_first == len(updates) and self.after_first_params is not None:
-            self.after_first_params()
-        return loss

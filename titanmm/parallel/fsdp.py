@@ -56,12 +56,10 @@ def lm_edge_units(lm: nn.Module) -> tuple[nn.Module | None, list[nn.Module]]:
 
 
 def unit_parameters(unit: nn.Module) -> list[nn.Parameter]:
-    """The parameters an FSDP2 unit manages itself (those of its child units excluded)."""
-    groups = getattr(unit._get_fsdp_state(), "_fsdp_param_groups", None)
-    if groups is None:  # torch releases before several parameter groups per unit
-        group = unit._get_fsdp_state()._fsdp_param_group
-        groups = [] if group is None else [group]
-    return [fsdp_param.sharded_param for group in groups for fsdp_param in group.fsdp_params]
+    """The parameters an FSDP2 unit manages itself: its parameters less those of the units inside it."""
+    inner = {id(p) for child in unit.modules() if child is not unit and isinstance(child, FSDPModule)
+             for p in child.parameters()}
+    return [p for p in unit.parameters() if id(p) not in inner]
 
 
 class GatherDuringOptimizer:
@@ -78,9 +76,11 @@ class GatherDuringOptimizer:
     def __init__(self, units: list[nn.Module], optimizers: list[torch.optim.Optimizer]):
         from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-        self.units = [u for u in units if unit_parameters(u) and not any(
-            is_traceable_wrapper_subclass(p._local_tensor) for p in unit_parameters(u))]
-        first = frozenset(id(p) for u in self.units for p in unit_parameters(u))
+        owned = [(u, unit_parameters(u)) for u in units]
+        owned = [(u, params) for u, params in owned
+                 if params and not any(is_traceable_wrapper_subclass(p._local_tensor) for p in params)]
+        self.units = [u for u, _ in owned]
+        first = frozenset(id(p) for _, params in owned for p in params)
         for optimizer in optimizers:
             optimizer.first_params, optimizer.after_first_params = first, self.start
         self.armed = False
