@@ -118,7 +118,7 @@ for probe in ${PROBES:-attention cudnn acnone fp8plain decode}; do
             done ;;
     step_edges)  # titanmm alone: the gradient norm in backward, the first all-gathers inside the optimizer step
             for w in ${PAIR_WORKLOADS:-llama3_8b_bf16}; do
-              for variant in plain grad_norm gather both; do
+              for variant in ${STEP_EDGE_VARIANTS:-plain grad_norm gather both}; do
                 extra=()
                 case $variant in grad_norm|both) extra+=(--titanmm-arg=--training.grad_norm_in_backward=true) ;; esac
                 case $variant in gather|both) extra+=(--titanmm-arg=--parallelism.fsdp_gather_during_optimizer=true) ;;
