@@ -116,6 +116,9 @@ for probe in ${PROBES:-attention cudnn acnone fp8plain decode}; do
                     --log-freq 10 ${extra[@]+"${extra[@]}"}
               done
             done ;;
+    own_pool)  # titanmm alone with FSDP2's gradients in its reduce-scatter stream's pool (as before 2026-11-23)
+            compare --workload "${PAIR_WORKLOADS:-llama3_8b_bf16}" --gpus "${GPUS:-2}" --only titanmm --tag own_pool \
+                --steps 34 --log-freq 10 --titanmm-arg=--parallelism.fsdp_gradients_in_compute_pool=false ;;
     step_edges)  # titanmm alone: the gradient norm in backward, the first all-gathers inside the optimizer step
             for w in ${PAIR_WORKLOADS:-llama3_8b_bf16}; do
               for variant in ${STEP_EDGE_VARIANTS:-plain grad_norm gather both}; do

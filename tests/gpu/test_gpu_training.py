@@ -157,5 +157,26 @@ def test_step_edges_overlapped_on_two_gpus(tmp_path):
     for key in ("grad_norm", "loss"):
         after, during = logged(tmp_path / "after", key), logged(tmp_path / "during", key)
         print(f"{key} plain / overlapped:", [(s, after[s], during[s]) for s in (1, 10, 20)])
-        for step in range(1, 21):
-            assert abs(during[step] - after[step]) <= 1e-5 * after[step], (key, step, during[step], after[step])
+        assert abs(during[1] - after[1]) <= 1e-6 * after[1], (key, during[1], after[1])
+        # The norm sums the shards' squares in another order (2 H200s: 1.1e-5 apart at step 7); with every step
+        # clipped, the parameters then drift apart slowly (4e-4 in the norm by step 20).
+        for step in range(2, 21):
+            assert abs(during[step] - after[step]) <= 2e-3 * after[step], (key, step, during[step], after[step])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_gradients_in_compute_pool_on_two_gpus(tmp_path):
+    """FSDP2 x 2 with the reduce-scatter outputs (the gradients) taken from the compute stream's memory pool
+    (parallelism.fsdp_gradients_in_compute_pool): the same bits as FSDP2's own allocation, less memory reserved."""
+    common = ["--model.flavor=llama3.2_1b", "--model.n_layers=2", "--training.dataset=shipped",
+              "--training.seq_len=2048", "--training.local_batch_size=2", "--training.global_batch_size=8",
+              "--compile.enable=true", "--training.steps=12", "--lr_scheduler.warmup_steps=3",
+              "--metrics.log_freq=1", "--training.deterministic=true"]
+    run_training(2, tmp_path / "own", common + ["--parallelism.fsdp_gradients_in_compute_pool=false"])
+    run_training(2, tmp_path / "pool", common + ["--parallelism.fsdp_gradients_in_compute_pool=true"])
+    own, pool = logged(tmp_path / "own"), logged(tmp_path / "pool")
+    assert pool == own  # 2 accumulated micro-batches a step: the second one's output is freed while in use
+    own_mem = max(logged(tmp_path / "own", "peak_mem_gib").values())
+    pool_mem = max(logged(tmp_path / "pool", "peak_mem_gib").values())
+    print(f"peak reserved GiB: FSDP2's own pool {own_mem}, compute pool {pool_mem}")
+    assert pool_mem < own_mem

@@ -212,6 +212,10 @@ class Parallelism:
     (token embedding, first block) first and start their all-gathers for the next step while the optimizer
     updates the rest, instead of after the step with nothing to overlap them (titanmm.parallel.fsdp.
     GatherDuringOptimizer). Units with FP8 all-gather weights are left out (their scales follow the step)."""
+    fsdp_gradients_in_compute_pool: bool = True
+    """Allocate FSDP2's reduce-scatter outputs (the sharded gradients) from the compute stream's memory pool, so
+    that gradients and activations, whose peaks come at opposite ends of backward, share memory instead of each
+    holding a pool of its own (titanmm.parallel.fsdp.ComputePoolReduceScatter). Bit-identical training."""
 
 
 @dataclass

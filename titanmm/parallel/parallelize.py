@@ -88,7 +88,8 @@ def apply_ac_compile_fsdp(model: nn.Module, block_dicts: Sequence[nn.ModuleDict]
         if reshard == "default" and dims.pp > 1:  # a pipeline stage runs forward again for every microbatch
             reshard = "never"
         lm = getattr(model, "lm", model)  # a VisionLanguageModel's language model, or the model itself
-        apply_fsdp(model, block_dicts, fsdp_mesh(dims), param_dtype, reduce_dtype, reshard, lm=lm)
+        apply_fsdp(model, block_dicts, fsdp_mesh(dims), param_dtype, reduce_dtype, reshard, lm=lm,
+                   gradients_in_compute_pool=config.parallelism.fsdp_gradients_in_compute_pool)
 
 
 def parallelize_llama(model: nn.Module, dims: ParallelDims, config: JobConfig, device_type: str) -> None:
