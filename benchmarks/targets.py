@@ -59,7 +59,8 @@ def _entry(name: str, required: float, measured: float | None, at_least: bool = 
 
 
 def _bf16_twin(result: dict, results_dir: Path | None) -> tuple[dict, str] | None:
-    """The newest titanmm bf16 results file matching an FP8 one (same device, GPU count, and variant if possible)."""
+    """The newest titanmm bf16 results file matching an FP8 one (same device and GPU count; the same variant, then
+    the same commit, if possible)."""
     twin = BF16_TWIN.get(result["workload"])
     if twin is None or results_dir is None or not results_dir.is_dir():
         return None
@@ -75,7 +76,8 @@ def _bf16_twin(result: dict, results_dir: Path | None) -> tuple[dict, str] | Non
         if not (other.get("titanmm") or {}).get("tps_per_gpu"):
             continue
         same_variant = other.get("variant") == result.get("variant")
-        candidates.append(((same_variant, other.get("variant") is None, other.get("date", ""), path.name), other, path))
+        same_commit = bool(result.get("commit")) and other.get("commit") == result.get("commit")
+        candidates.append(((same_variant, same_commit, other.get("variant") is None, other.get("date", ""), path.name), other, path))
     if not candidates:
         return None
     _, other, path = max(candidates, key=lambda c: c[0])

@@ -118,7 +118,8 @@ class Training:
     """Compute the gradient norm during backward, each FSDP2 gradient shard's as its reduce-scatter lands (on that
     stream, beside the rest of backward), instead of reading every gradient again after backward
     (titanmm.parallel.grad_norm). FSDP2, HSDP and FSDP2 + TP, not pipeline parallelism; there, and for a step
-    whose gradients did not all come from FSDP2's reduce-scatter, the norm is computed after backward."""
+    whose gradients did not all come from FSDP2's reduce-scatter, the norm is computed after backward. Llama 3
+    8B, 2 H200s, with fsdp_gather_during_optimizer: +0.1% tokens/s, within noise."""
     seed: int = 0
     """Seed for weight initialisation, data shuffling and RNG."""
     deterministic: bool = False
@@ -211,11 +212,13 @@ class Parallelism:
     """Language models with the compiled optimizer: update the parameters of the units that open the forward
     (token embedding, first block) first and start their all-gathers for the next step while the optimizer
     updates the rest, instead of after the step with nothing to overlap them (titanmm.parallel.fsdp.
-    GatherDuringOptimizer). Units with FP8 all-gather weights are left out (their scales follow the step)."""
+    GatherDuringOptimizer). Units with FP8 all-gather weights are left out (their scales follow the step).
+    Llama 3 8B, 2 H200s, with training.grad_norm_in_backward: +0.1% tokens/s, within noise."""
     fsdp_gradients_in_compute_pool: bool = True
     """Allocate FSDP2's reduce-scatter outputs (the sharded gradients) from the compute stream's memory pool, so
     that gradients and activations, whose peaks come at opposite ends of backward, share memory instead of each
-    holding a pool of its own (titanmm.parallel.fsdp.ComputePoolReduceScatter). Bit-identical training."""
+    holding a pool of its own (titanmm.parallel.fsdp.ComputePoolReduceScatter). Bit-identical training. Llama 3
+    8B, 2 H200s, 8,192 tokens per GPU: 76.6 instead of 90.6 GiB reserved, the same tokens/s."""
 
 
 @dataclass
