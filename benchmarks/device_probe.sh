@@ -122,14 +122,6 @@ for probe in ${PROBES:-attention cudnn acnone fp8plain decode}; do
     default_again)  # titanmm alone at its defaults, full 8B over GPUS (the A side of a same-call comparison)
             compare --workload "${PAIR_WORKLOADS:-llama3_8b_bf16}" --gpus "${GPUS:-2}" --only titanmm --tag default \
                 --steps 34 --log-freq 10 ;;
-    grad_copy_in)  # FSDP2's reduce-scatter copy-in: the kernels alone, then titanmm alone with and without
-            python3 benchmarks/grad_copy_in.py --worlds 2 4 --iters 10 --json "$OUT/grad_copy_in.json" 2>&1 | tail -14
-            gpu_tests tests/gpu/test_gpu_grad_copy_in.py
-            for on in true false; do
-              compare --workload "${PAIR_WORKLOADS:-llama3_8b_bf16}" --gpus "${GPUS:-2}" --only titanmm \
-                  --tag "grad_copy_in_per_parameter_$on" --steps 34 --log-freq 10 \
-                  "--titanmm-arg=--parallelism.fsdp_grad_copy_in_per_parameter=$on"
-            done ;;
     own_pool)  # titanmm alone with FSDP2's gradients in its reduce-scatter stream's pool (as before 2026-11-23)
             compare --workload "${PAIR_WORKLOADS:-llama3_8b_bf16}" --gpus "${GPUS:-2}" --only titanmm --tag own_pool \
                 --steps 34 --log-freq 10 --titanmm-arg=--parallelism.fsdp_gradients_in_compute_pool=false ;;

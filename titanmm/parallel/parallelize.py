@@ -25,7 +25,6 @@ from titanmm.parallel.compile import (apply_compile, enable_async_tensor_paralle
                                       set_mix_order_reduction)
 from titanmm.parallel.context_parallel import apply_context_parallel
 from titanmm.parallel.float8 import float8_tp_enabled
-from titanmm.parallel import grad_copy_in
 from titanmm.parallel.fsdp import DTYPES, apply_fsdp
 from titanmm.parallel.parallel_dims import ParallelDims
 from titanmm.parallel.tensor_parallel import apply_tp_llama
@@ -89,8 +88,6 @@ def apply_ac_compile_fsdp(model: nn.Module, block_dicts: Sequence[nn.ModuleDict]
         if reshard == "default" and dims.pp > 1:  # a pipeline stage runs forward again for every microbatch
             reshard = "never"
         lm = getattr(model, "lm", model)  # a VisionLanguageModel's language model, or the model itself
-        if device_type == "cuda" and config.parallelism.fsdp_grad_copy_in_per_parameter:
-            grad_copy_in.register()
         apply_fsdp(model, block_dicts, fsdp_mesh(dims), param_dtype, reduce_dtype, reshard, lm=lm,
                    gradients_in_compute_pool=config.parallelism.fsdp_gradients_in_compute_pool)
 
