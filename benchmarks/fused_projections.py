@@ -1,0 +1,83 @@
+"""Would fused projections pay on this GPU? One transformer block's q/k/v and w1/w3 projections of Llama 3 8B at 8,192
+tokens, forward and backward in bf16, as separate matmuls (titanmm's and torchtitan's layout) against one matmul
+over the concatenated weights (Megatron's linear_qkv / linear_fc1), the concatenation itself included.
+
+    python benchmarks/fused_projections.py [--tokens 8192] [--json OUT.json]
+
+Reports the median milliseconds (CUDA events, --iters) of each variant per block and x 32 blocks per step: the
+saving bounds what fusing could give a training step before any other effect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DIM, KV_DIM, HIDDEN, LAYERS = 4096, 1024, 14336, 32
+GROUPS = {"qkv": [DIM, KV_DIM, KV_DIM], "w1_w3": [HIDDEN, HIDDEN]}  # output widths of projections of one input
+
+
+def time_ms(fn, iters: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def separate(x, weights, grads_out):
+    outputs = [F.linear(x, w) for w in weights]
+    torch.autograd.backward(outputs, grads_out)
+
+
+def fused(x, weights, grads_out):
+    out = F.linear(x, torch.cat(weights))
+    torch.autograd.backward([out], [torch.cat(grads_out, dim=-1)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a GPU")
+    rows = []
+    print(f"{'group':<8} {'separate ms':>12} {'fused ms':>10} {'saved per step ms':>18}")
+    for group, widths in GROUPS.items():
+        x = torch.randn(args.tokens, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        weights = [torch.randn(n, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True) for n in widths]
+        grads_out = [torch.randn(args.tokens, n, device="cuda", dtype=torch.bfloat16) for n in widths]
+
+        def run(fn):
+            x.grad = None
+            for w in weights:
+                w.grad = None
+            fn(x, weights, grads_out)
+
+        ms_separate = time_ms(lambda: run(separate), args.iters)
+        ms_fused = time_ms(lambda: run(fused), args.iters)
+        rows.append({"group": group, "separate_ms": ms_separate, "fused_ms": ms_fused,
+                     "saved_per_step_ms": (ms_separate - ms_fused) * LAYERS})
+        print(f"{group:<8} {ms_separate:>12.3f} {ms_fused:>10.3f} {(ms_separate - ms_fused) * LAYERS:>18.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                               "tokens": args.tokens, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
