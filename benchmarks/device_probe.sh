@@ -122,7 +122,9 @@ for probe in ${PROBES:-attention cudnn acnone fp8plain decode}; do
     default_again)  # titanmm alone at its defaults, full 8B over GPUS (the A side of a same-call comparison)
             compare --workload "${PAIR_WORKLOADS:-llama3_8b_bf16}" --gpus "${GPUS:-2}" --only titanmm --tag default \
                 --steps 34 --log-freq 10 ;;
-    fused_projections) python3 benchmarks/fused_projections.py --json "$OUT/fused_projections.json" 2>&1 | tail -4 ;;
+    fused_projections) python3 benchmarks/fused_projections.py --json "$OUT/fused_projections.json" 2>&1 | tail -3
+            python3 benchmarks/fused_projections.py --tokens 32 --forward-only --iters 100 \
+                --json "$OUT/fused_projections_decode32.json" 2>&1 | tail -3 ;;
     own_pool)  # titanmm alone with FSDP2's gradients in its reduce-scatter stream's pool (as before 2026-11-23)
             compare --workload "${PAIR_WORKLOADS:-llama3_8b_bf16}" --gpus "${GPUS:-2}" --only titanmm --tag own_pool \
                 --steps 34 --log-freq 10 --titanmm-arg=--parallelism.fsdp_gradients_in_compute_pool=false ;;
