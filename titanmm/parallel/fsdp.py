@@ -65,7 +65,8 @@ class ComputePoolReduceScatter:
     two peaks instead of the peak of their sum. Here the output is allocated from the compute stream's pool
     and `record_stream` tells the allocator that the reduce-scatter stream uses it, so a freed gradient (or an
     accumulated micro-batch's output) is reused only after that stream's work on it. The compute stream is the
-    one current when this object is made (the trainer's). The reduce-scatter input is already allocated on it.
+    one current when this object is made (the trainer's, on its device; elsewhere allocation is left alone). The
+    reduce-scatter input is already allocated on it.
     A gradient cast to another dtype after the reduce (reduce dtype not the parameters') is still allocated on
     the reduce-scatter stream."""
 
@@ -74,6 +75,9 @@ class ComputePoolReduceScatter:
 
     def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         if device.type != "cuda" or self.compute_stream is None:
+            return torch.empty(*size, dtype=dtype, device=device)
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if self.compute_stream.device.index != index:  # not the trainer's device: FSDP2's own allocation
             return torch.empty(*size, dtype=dtype, device=device)
         stream = torch.cuda.current_stream(device)
         if stream == self.compute_stream:
