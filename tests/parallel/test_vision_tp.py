@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import types
 
 import pytest
 import torch
@@ -72,12 +71,15 @@ def _reference(name: str):
 
 
 def _config(ac_mode: str):
-    ns = types.SimpleNamespace
-    return ns(parallelism=ns(enable_loss_parallel=False, fsdp_reshard_after_forward="default"),
-              activation_checkpoint=ns(mode=ac_mode, selective_ac_option="op", memory_budget=1.0,
-                                       all_matmuls_blocks=-1),
-              compile=ns(enable=False),
-              training=ns(mixed_precision_param="float32", mixed_precision_reduce="float32"))
+    """The job config's defaults (so that new options reach this test), with these settings."""
+    from titanmm.config.job_config import JobConfig
+
+    config = JobConfig()
+    config.parallelism.enable_loss_parallel = False
+    config.activation_checkpoint.mode, config.activation_checkpoint.memory_budget = ac_mode, 1.0
+    config.compile.enable = False
+    config.training.mixed_precision_param = config.training.mixed_precision_reduce = "float32"
+    return config
 
 
 def _worker(rank: int, world: int, port: int, layout: str, names: list[str]) -> None:
