@@ -66,7 +66,10 @@ class ComputePoolReduceScatter:
     and `record_stream` tells the allocator that the reduce-scatter stream uses it, so a freed gradient (or an
     accumulated micro-batch's output) is reused only after that stream's work on it. The compute stream is the
     one current when this object is made (the trainer's, on its device; elsewhere allocation is left alone). The
-    reduce-scatter input is already allocated on it.
+    reduce-scatter input is already allocated on it. Taking compute-stream memory from another stream is safe here
+    because FSDP2 (torch 2.11, 2.13) makes the reduce-scatter stream wait for the compute stream before the
+    reduce-scatter writes the output, so earlier compute-stream work on that memory has finished. (Not so for the
+    all-gather output: the copy-in stream waits only for particular events, so that buffer stays in its own pool.)
     A gradient cast to another dtype after the reduce (reduce dtype not the parameters') is still allocated on
     the reduce-scatter stream."""
 
