@@ -93,6 +93,17 @@ for probe in ${PROBES:-attention cudnn acnone fp8plain decode}; do
                   --title "torchtitan, $w, op, rank 0, step 10" \
                   --out "$OUT/profile/${w}_op_torchtitan_rank0_memory_peak.txt" | sed -n 1,12p
             done ;;
+    memory_default)  # titanmm alone at its defaults, a memory snapshot at step 10 (what lies between alive and reserved)
+            for w in ${PAIR_WORKLOADS:-llama3_8b_bf16}; do
+              rm -rf /tmp/memory_titanmm
+              compare --workload "$w" ${GPUS:+--gpus "$GPUS"} --only titanmm --tag memory_default --steps 10 \
+                  --log-freq 5 --titanmm-arg=--profiling.enable_memory_snapshot=true \
+                  --titanmm-arg=--profiling.profile_freq=10 \
+                  --titanmm-arg=--profiling.save_memory_snapshot_folder=/tmp/memory_titanmm
+              mkdir -p "$OUT/profile"
+              cp /tmp/memory_titanmm/iteration_10/rank0_memory_peak.txt "$OUT/profile/${w}_default_titanmm_rank0_memory_peak.txt"
+              sed -n 1,40p "$OUT/profile/${w}_default_titanmm_rank0_memory_peak.txt"
+            done ;;
     loss_chunks)  # titanmm alone with the output layer returning the loss (training.loss_chunk_tokens)
             for w in ${PAIR_WORKLOADS:-llama3_8b_proxy_bf16}; do for chunk in ${CHUNKS:-4096 1024}; do
               compare --workload "$w" ${GPUS:+--gpus "$GPUS"} --only titanmm --tag "loss_chunks_$chunk" --steps 34 \

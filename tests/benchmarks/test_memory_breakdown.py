@@ -24,8 +24,17 @@ def test_summary_of_a_snapshot_without_stats(tmp_path, capsys):
     text = capsys.readouterr().out
     assert text == out.read_text() and text.startswith("torchtitan step 10\n")
     assert "not saved with this snapshot; reserved at the snapshot 4.00 GiB in 1 segments" in text
+    assert "reserved by stream" not in text  # one stream: nothing to tell apart
     assert "4.00 GiB requested in 2 allocations" in text  # the peak: both blocks alive before the free
     assert "models/llama3/model.py:120 forward" in text
+    # Two streams' pools (FSDP2's reduce-scatter stream holding gradients beside the default stream's memory)
+    snapshot["segments"].append({"device": 0, "address": 8 * GIB, "total_size": 2 * GIB, "stream": 0x5a,
+                                 "blocks": [{"address": 8 * GIB, "size": GIB, "requested_size": GIB,
+                                             "state": "active_allocated", "frames": []}]})
+    path.write_bytes(pickle.dumps(snapshot))
+    assert memory_breakdown.main([str(path)]) == 0
+    assert ("reserved by stream at the snapshot (in use now): default stream 4.00 GiB (3.00 GiB), stream 0x5a "
+            "2.00 GiB (1.00 GiB)") in capsys.readouterr().out
     path.write_bytes(pickle.dumps([1, 2]))
     with pytest.raises(SystemExit):
         memory_breakdown.main([str(path)])

@@ -245,6 +245,19 @@ def user_stack(frames: list[dict], depth: int = STACK_DEPTH) -> tuple[str, ...]:
     return tuple(stack)
 
 
+def reserved_by_stream(snapshot: dict, device_index: int = 0) -> dict[int, tuple[int, int]]:
+    """stream -> (bytes reserved, bytes allocated) over the snapshot's segments on `device_index`, largest first."""
+    pools: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for segment in snapshot.get("segments", []):
+        if segment.get("device", device_index) != device_index:
+            continue
+        pool = pools[int(segment.get("stream", 0))]
+        pool[0] += segment.get("total_size", 0)
+        pool[1] += segment.get("allocated_size", sum(b["size"] for b in segment.get("blocks", [])
+                                                     if b.get("state") == "active_allocated"))
+    return {stream: (total, used) for stream, (total, used) in sorted(pools.items(), key=lambda item: -item[1][0])}
+
+
 def memory_peak_summary(snapshot: dict, stats: dict | None, device_index: int = 0, title: str = "",
                         top_k: int = TOP_STACKS) -> str:
     """Plain-text account of peak memory: torch.cuda.memory_stats() peaks (`stats`; None when only the snapshot
@@ -270,6 +283,11 @@ def memory_peak_summary(snapshot: dict, stats: dict | None, device_index: int = 
                   f"now: allocated {gib(stat('allocated_bytes.all.current'))}, reserved "
                   f"{gib(stat('reserved_bytes.all.current'))}; allocator retries {stat('num_alloc_retries')} (cache "
                   f"flushes after a failed cudaMalloc), out-of-memory errors {stat('num_ooms')}"]
+    pools = reserved_by_stream(snapshot, device_index)
+    if len(pools) > 1:  # the caching allocator's memory of one stream is not reused for another's allocations
+        lines.append("reserved by stream at the snapshot (in use now): " + ", ".join(
+            f"{'default stream' if stream == 0 else f'stream {stream:#x}'} {gib(total)} ({gib(used)})"
+            for stream, (total, used) in pools.items()))
     lines.append(f"alive at the peak of the recorded history ({n_events} allocation events): {gib(peak)} requested "
                  f"in {len(blocks)} allocations")
     traces = snapshot.get("device_traces", [])
