@@ -77,7 +77,8 @@ def _bf16_twin(result: dict, results_dir: Path | None) -> tuple[dict, str] | Non
             continue
         same_variant = other.get("variant") == result.get("variant")
         same_commit = bool(result.get("commit")) and other.get("commit") == result.get("commit")
-        candidates.append(((same_variant, same_commit, other.get("variant") is None, other.get("date", ""), path.name), other, path))
+        rank = (same_variant, same_commit, other.get("variant") is None, other.get("date", ""), path.name)
+        candidates.append((rank, other, path))
     if not candidates:
         return None
     _, other, path = max(candidates, key=lambda c: c[0])
