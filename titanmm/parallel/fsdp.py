@@ -77,13 +77,10 @@ class ComputePoolReduceScatter:
         self.compute_stream = torch.cuda.current_stream() if torch.cuda.is_available() else None
 
     def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        if device.type != "cuda" or self.compute_stream is None:
-            return torch.empty(*size, dtype=dtype, device=device)
-        index = torch.cuda.current_device() if device.index is None else device.index
-        if self.compute_stream.device.index != index:  # not the trainer's device: FSDP2's own allocation
-            return torch.empty(*size, dtype=dtype, device=device)
-        stream = torch.cuda.current_stream(device)
-        if stream == self.compute_stream:
+        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        # Already the compute stream, or another device than the trainer's: FSDP2's own allocation.
+        if stream is None or self.compute_stream is None or stream == self.compute_stream \
+                or stream.device != self.compute_stream.device:
             return torch.empty(*size, dtype=dtype, device=device)
         with torch.cuda.stream(self.compute_stream):
             tensor = torch.empty(*size, dtype=dtype, device=device)

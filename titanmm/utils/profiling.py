@@ -253,8 +253,10 @@ def reserved_by_stream(snapshot: dict, device_index: int = 0) -> dict[int, tuple
             continue
         pool = pools[int(segment.get("stream", 0))]
         pool[0] += segment.get("total_size", 0)
-        pool[1] += segment.get("allocated_size", sum(b["size"] for b in segment.get("blocks", [])
-                                                     if b.get("state") == "active_allocated"))
+        used = segment.get("allocated_size")
+        if used is None:  # older snapshots: from the blocks
+            used = sum(b["size"] for b in segment.get("blocks", []) if b.get("state") == "active_allocated")
+        pool[1] += used
     return {stream: (total, used) for stream, (total, used) in sorted(pools.items(), key=lambda item: -item[1][0])}
 
 
