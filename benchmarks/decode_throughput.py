@@ -182,14 +182,24 @@ def profile_call(model, batch: int, prompt_len: int, new_tokens: int, folder: Pa
     return out
 
 
-def _without_fused_qkv():
-    from titanmm.models.llama.model import Transformer
+def _without_fused(module_name: str):
+    """Keep generate's fused projections off in one kind of module (`attention` or `feed_forward`)."""
+    fused_projections = Transformer.fused_projections
 
-    Transformer.fused_qkv_projections = lambda self: contextlib.nullcontext()
+    @contextlib.contextmanager
+    def without(self):
+        with fused_projections(self):
+            for layer in self.layers.values():
+                getattr(layer, module_name).use_fused_projections = False
+            yield
+
+    def apply():
+        Transformer.fused_projections = without
+    return apply
 
 
-ABLATIONS = {"fused_qkv": _without_fused_qkv}
-"""--without NAME: fused_qkv = q, k and v in three matmuls."""
+ABLATIONS = {"fused_qkv": _without_fused("attention"), "fused_w13": _without_fused("feed_forward")}
+"""--without NAME: fused_qkv = q, k and v in three matmuls; fused_w13 = w1 and w3 in two."""
 
 
 def main(argv: list[str] | None = None) -> int:

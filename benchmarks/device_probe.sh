@@ -57,6 +57,12 @@ for probe in ${PROBES:-attention cudnn acnone fp8plain decode}; do
     llava_log10) compare --workload llava_mistral_clip336_pretrain --tag log10 --log-freq 10 --steps 44 ;;
     decode_all) compare --workload decode_llama3_8b ;;
     decode_llava) compare --workload decode_llava_mistral_clip336 ;;
+    decode_ablation)  # titanmm alone, batch 32, with each of ABLATIONS (decode_throughput.py --without) off
+            for without in ${ABLATIONS:-fused_w13}; do for model in ${DECODE_MODELS:-llama}; do
+              [ "$(left)" -gt 90 ] || { echo "=== skipped (budget): $model without $without"; continue; }
+              python3 benchmarks/decode_throughput.py --model "$model" --batch 32 --compile --without "$without" \
+                  --json "$OUT/decode_${model}_B32_without_${without}.json" 2>&1 | grep "titanmm generate"
+            done; done ;;
     decode_prefill)  # the compiled prefill against the eager one, same machine and call
             for model in llama vlm; do for variant in --eager-prefill ""; do
               [ "$(left)" -gt 90 ] || { echo "=== skipped (budget): $model $variant"; continue; }

@@ -27,5 +27,10 @@ fi
 s3fs=$(ls .device-wheels/s3fs-*.whl | head -1); s3fs=${s3fs##*/s3fs-}; s3fs=${s3fs%%-*}
 ls .device-wheels/fsspec-"$s3fs"-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps -d .device-wheels \
     --python-version 3.12 --only-binary=:all: "fsspec==$s3fs"
+# multi-storage-client (energon's) needs a newer filelock than the image's, which wheels.sh counts as present.
+msc=$(ls .device-wheels/multi_storage_client-*.whl | head -1)
+filelock=$(unzip -p "$msc" '*.dist-info/METADATA' | sed -n 's/^Requires-Dist: filelock *\([^;]*\).*/\1/p' | tr -d ' ()')
+ls .device-wheels/filelock-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps -d .device-wheels \
+    --python-version 3.12 --only-binary=:all: "filelock${filelock}"
 du -sh .peers .device-wheels
 du -sch .peers .device-wheels | tail -1

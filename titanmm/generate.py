@@ -230,7 +230,7 @@ def generate(model, prompts: Sequence[Sequence[int]] | torch.Tensor, *, pixel_va
     if config.stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer")
     lm = _language_model(model)
-    with lm.fused_qkv_projections():
+    with lm.fused_projections():
         return _generate(model, lm, prompts, pixel_values, tokenizer, config, pad_id)
 
 

@@ -5,6 +5,7 @@ import torch
 import transformers
 
 from titanmm.checkpoint.hf_mapping import args_from_hf_config, hf_to_titanmm_state_dict
+from titanmm.models.fused_linears import still_fused
 from titanmm.models.llama import LLAMA_FLAVORS, Transformer, TransformerArgs
 
 
@@ -96,10 +97,11 @@ def test_published_sizes():
 
 
 @pytest.mark.parametrize("flavor", ["debug_llama3.1", "debug_qwen2"])  # Qwen2: with q/k/v biases
-def test_fused_qkv_projection(flavor):
-    """fused_qkv_projections (inference): the same logits without gradients, wq/wk/wv stay the same Parameter
-    objects (views of the fused weight: an in-place update reaches both), the state dict is unchanged, passes
-    with gradients still reach wq/wk/wv, and a weight replaced later is never read stale."""
+def test_fused_projections(flavor):
+    """fused_projections (inference): q/k/v and w1/w3 each in one matmul, the same logits without gradients;
+    the weights stay the same Parameter objects (views of the fused ones: an in-place update reaches both), the
+    state dict is unchanged, passes with gradients still reach every weight, and a weight replaced later is never
+    read stale."""
     torch.manual_seed(0)
     model = Transformer(LLAMA_FLAVORS[flavor]).to(torch.float64)
     model.init_weights(seed=1)
@@ -108,26 +110,30 @@ def test_fused_qkv_projection(flavor):
         expected = model(ids)
     params_before = dict(model.named_parameters())
     keys_before = list(model.state_dict())
-    attention = model.layers["0"].attention
-    with model.fused_qkv_projections():
+    attention, feed_forward = model.layers["0"].attention, model.layers["0"].feed_forward
+    qkv, w13 = (attention.wq, attention.wk, attention.wv), (feed_forward.w1, feed_forward.w3)
+    with model.fused_projections():
         with torch.inference_mode():  # as in generate
             torch.testing.assert_close(model(ids), expected, rtol=1e-12, atol=1e-12)
-        assert attention.qkv_fused() and not attention.wqkv_weight.is_inference()
+        assert still_fused(attention.wqkv_weight, qkv) and still_fused(feed_forward.w13_weight, w13)
+        assert not attention.wqkv_weight.is_inference() and not feed_forward.w13_weight.is_inference()
         assert all(p is params_before[n] for n, p in model.named_parameters())
         assert list(model.state_dict()) == keys_before
         with torch.no_grad():
             attention.wk.weight.mul_(0.5)  # e.g. an optimizer step
+            feed_forward.w3.weight.mul_(0.5)
             fused_after_update = model(ids)
-        logits = model(ids)  # with gradients: the three projections, the same numbers
+        logits = model(ids)  # with gradients: the separate projections, the same numbers
         torch.testing.assert_close(logits.detach(), fused_after_update, rtol=1e-12, atol=1e-12)
         logits.logsumexp(-1).mean().backward()
-        assert attention.wk.weight.grad is not None and attention.wq.weight.grad.abs().sum() > 0
-    assert not attention.use_fused_qkv
-    new_wk = torch.randn_like(attention.wk.weight)
-    model.load_state_dict({"layers.0.attention.wk.weight": new_wk}, strict=False, assign=True)  # sharing ends
-    assert not attention.qkv_fused()
+        assert all(linear.weight.grad.abs().sum() > 0 for linear in qkv + w13)
+    assert not attention.use_fused_projections and not feed_forward.use_fused_projections
+    replaced = {"layers.0.attention.wk.weight": torch.randn_like(attention.wk.weight),
+                "layers.0.feed_forward.w1.weight": torch.randn_like(feed_forward.w1.weight)}
+    model.load_state_dict(replaced, strict=False, assign=True)  # sharing ends
+    assert not still_fused(attention.wqkv_weight, qkv) and not still_fused(feed_forward.w13_weight, w13)
     with torch.no_grad():
-        unfused = model(ids)  # outside the context: the new weight, whatever the fused tensor holds
-        with model.fused_qkv_projections():
-            assert attention.qkv_fused()  # fused again on entry
+        unfused = model(ids)  # outside the context: the new weights, whatever the fused tensors hold
+        with model.fused_projections():
+            assert still_fused(attention.wqkv_weight, qkv) and still_fused(feed_forward.w13_weight, w13)
             torch.testing.assert_close(model(ids), unfused, rtol=1e-12, atol=1e-12)

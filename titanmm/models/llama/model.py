@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from titanmm.models import init
 from titanmm.models.attention import AttentionMask, CausalAttentionKernel, document_mask
+from titanmm.models.fused_linears import fuse_linears, still_fused
 from titanmm.models.kv_cache import KVCache, LayerKVCache
 from titanmm.models.llama.args import TransformerArgs
 from titanmm.models.lm_head import LMHead
@@ -32,18 +33,18 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kernel = CausalAttentionKernel()
-        # Inference only (see `fuse_qkv`): wq, wk, wv as views of one [q + k + v, dim] weight, used while
-        # `use_fused_qkv` is on (`Transformer.fused_qkv_projections`).
+        # Inference only (`Transformer.fused_projections`): wq, wk, wv as views of one [q + k + v, dim] weight,
+        # projected in one matmul while `use_fused_projections` is on and no gradients are recorded.
         self.register_buffer("wqkv_weight", None, persistent=False)
         self.register_buffer("wqkv_bias", None, persistent=False)
-        self.use_fused_qkv = False
+        self.use_fused_projections = False
 
     def forward(self, x_bsd: torch.Tensor, rope_bs2d: torch.Tensor, mask: AttentionMask | None,
                 cache: LayerKVCache | None = None) -> torch.Tensor:
         """`cache` (inference only): this layer's KV cache; the new keys / values are written into it
         and the queries attend over everything cached so far (`mask` then comes from the cache)."""
         bs, seq, _ = x_bsd.shape
-        if self.use_fused_qkv and not torch.is_grad_enabled():  # one matmul (fuse_qkv)
+        if self.use_fused_projections and not torch.is_grad_enabled():  # one matmul (fuse_projections)
             q, k, v = F.linear(x_bsd, self.wqkv_weight, self.wqkv_bias).split(self._qkv_sizes(), dim=-1)
         else:
             q, k, v = self.wq(x_bsd), self.wk(x_bsd), self.wv(x_bsd)
@@ -61,33 +62,11 @@ class Attention(nn.Module):
     def _qkv_sizes(self) -> list[int]:
         return [self.wq.weight.shape[0], self.wk.weight.shape[0], self.wv.weight.shape[0]]
 
-    def qkv_fused(self) -> bool:
-        """Whether wq, wk and wv are (still) views of `wqkv_weight`: replacing a weight (`to()`, loading with
-        assign=True) ends the sharing, and `fuse_qkv` must run again."""
-        fused = self.wqkv_weight
-        return fused is not None and all(
-            w.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
-            for w in (self.wq.weight, self.wk.weight, self.wv.weight))
-
-    @torch.no_grad()
-    def fuse_qkv(self) -> None:
-        """For inference: store wq, wk and wv (and their biases) in one [q + k + v, dim] tensor, of which the three
-        weights become views (the same Parameter objects, so in-place updates such as an optimizer step keep
-        both in step), so that passes without gradients project q, k and v in one matmul while `use_fused_qkv`
-        is on: at batch 32 Llama 3 8B's k and v projections alone run at half the memory bandwidth of the fused
-        one. Passes that record gradients keep the three projections. Plain tensors only (not tensor-parallel or
-        FSDP DTensors)."""
-        with torch.inference_mode(False):  # real tensors, which training may still update in place
-            for name, attribute in (("wqkv_weight", "weight"), ("wqkv_bias", "bias")):
-                parts = [getattr(linear, attribute) for linear in (self.wq, self.wk, self.wv)]
-                if parts[0] is None:
-                    continue
-                fused = torch.cat([p.detach() for p in parts])
-                offset = 0
-                for p in parts:
-                    p.data = fused[offset:offset + p.shape[0]]
-                    offset += p.shape[0]
-                setattr(self, name, fused)
+    def fuse_projections(self) -> None:
+        """Make wq, wk and wv views of `wqkv_weight` (again, where a weight was replaced since)."""
+        projections = (self.wq, self.wk, self.wv)
+        if not still_fused(self.wqkv_weight, projections):
+            self.wqkv_weight, self.wqkv_bias = fuse_linears(projections)
 
 
 class FeedForward(nn.Module):
@@ -96,9 +75,21 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        # Inference only (`Transformer.fused_projections`): w1, w3 as views of one [2 x hidden, dim] weight.
+        self.register_buffer("w13_weight", None, persistent=False)
+        self.use_fused_projections = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.use_fused_projections and not torch.is_grad_enabled():  # one matmul (fuse_projections)
+            gate, up = F.linear(x, self.w13_weight).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(F.silu(gate) * up)
+
+    def fuse_projections(self) -> None:
+        """Make w1 and w3 views of `w13_weight` (again, where a weight was replaced since)."""
+        if not still_fused(self.w13_weight, (self.w1, self.w3)):
+            self.w13_weight, _ = fuse_linears((self.w1, self.w3))
 
 
 class TransformerBlock(nn.Module):
@@ -190,21 +181,21 @@ class Transformer(nn.Module):
         return self.output(h) if labels is None else self.output(h, labels=labels)
 
     @contextlib.contextmanager
-    def fused_qkv_projections(self):
-        """Inside (inference): every block with plain-tensor weights projects q, k and v in one matmul
-        (`Attention.fuse_qkv`, redone where a weight was replaced since). Outside, the three projections run as
-        always, so a weight replaced later can never be read stale from the fused tensor."""
-        fused = [layer.attention for layer in self.layers.values()
-                 if not isinstance(layer.attention.wq.weight, DTensor)]
-        for attention in fused:
-            if not attention.qkv_fused():
-                attention.fuse_qkv()
-            attention.use_fused_qkv = True
+    def fused_projections(self):
+        """Inside (inference): every block with plain-tensor weights projects q, k and v in one matmul, and w1 and
+        w3 in another (`titanmm.models.fused_linears`; the weights become views of the fused ones, fused again
+        where one was replaced since). Passes that record gradients, and every pass outside, run the separate
+        projections, so a weight replaced later is never read stale from a fused tensor."""
+        modules = [module for layer in self.layers.values() for module in (layer.attention, layer.feed_forward)
+                   if not any(isinstance(p, DTensor) for p in module.parameters())]
+        for module in modules:
+            module.fuse_projections()
+            module.use_fused_projections = True
         try:
             yield
         finally:
-            for attention in fused:
-                attention.use_fused_qkv = False
+            for module in modules:
+                module.use_fused_projections = False
 
     def tie_weights(self) -> None:
         """Re-share the embedding with the output layer (moving or sharding parameters unties them)."""
