@@ -534,6 +534,8 @@ def _decode_side(rates: dict[int, dict], bound: float | None, flops_per_token: f
         entry = _with_flops({"tps_per_gpu": r["new_tokens_per_s"]}, flops_per_token, peak)
         entry["seconds_per_call"] = r.get("seconds_per_call")
         entry["peak_mem_gib"] = r.get("peak_mem_gib")
+        if r.get("roofline_tokens_per_s"):  # titanmm's side: the call's roofline on this GPU (decode_throughput.py)
+            entry["roofline_tokens_per_s"] = r["roofline_tokens_per_s"]
         if batch == 1 and bound:
             entry["bandwidth_bound_fraction"] = r["new_tokens_per_s"] / bound
         by_batch[str(batch)] = entry

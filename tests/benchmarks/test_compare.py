@@ -120,7 +120,8 @@ def test_summarize_decode_with_the_bandwidth_bound():
     params, weight_bytes = compare.decode_weight_stats()
     titanmm = {"hbm_copy_bytes_per_s": 3.0e12, "params_read": params, "weight_bytes": weight_bytes,
                "batches": {"1": {"new_tokens_per_s": 40.0, "seconds_per_call": 3.2, "peak_mem_gib": 15.5},
-                           "32": {"new_tokens_per_s": 1200.0, "seconds_per_call": 3.4, "peak_mem_gib": 17.0}}}
+                           "32": {"new_tokens_per_s": 1200.0, "seconds_per_call": 3.4, "peak_mem_gib": 17.0,
+                                  "roofline_tokens_per_s": 5500.0}}}
     outputs = {"titanmm": json.dumps(titanmm), "peer:1": HF_DECODE[1], "peer:32": HF_DECODE[32]}
     errors = {}
     sides, extra = compare.summarize(w, outputs, 0, H100, errors)
@@ -133,6 +134,7 @@ def test_summarize_decode_with_the_bandwidth_bound():
     assert sides["titanmm"]["peak_mem_gib"] == 17.0
     assert extra["ratio_by_batch"] == {"1": pytest.approx(1.6), "32": pytest.approx(1200 / 845)}
     assert sides["titanmm"]["by_batch"]["32"]["tflops_per_gpu"] == pytest.approx(2 * params * 1200 / 1e12)
+    assert sides["titanmm"]["by_batch"]["32"]["roofline_tokens_per_s"] == 5500.0  # the batch-32 target reads it
     result = {"workload": w.name, "device": H100, "gpus": 1, "date": "2026-11-22", "commit": "abc", "ratio": 1.6,
               "peer_name": "transformers", "titanmm": sides["titanmm"], "peer": sides["peer"], **extra}
     printed = compare.table(result)

@@ -45,6 +45,10 @@ def test_fp8_is_measured_against_the_bf16_twin(tmp_path):
     assert entry["shortfall"] == "12.0% more needed"
     log10 = targets.evaluate({**fp8, "variant": "log10"}, tmp_path)[-1]
     assert log10["source"] == "2026-11-23_h200x2_llama3_8b_bf16_log10.json"
+    # A bf16 run made after the FP8 one is not its twin while one from before exists.
+    (tmp_path / "2026-12-07_h200x2_llama3_8b_bf16_log10.json").write_text(
+        json.dumps(_lm(tps=9500.0, variant="log10", date="2026-12-07")))
+    assert targets.evaluate({**fp8, "variant": "log10"}, tmp_path)[-1]["source"] == log10["source"]
 
 
 def test_vision_language_and_decoding_targets():
@@ -60,6 +64,16 @@ def test_vision_language_and_decoding_targets():
               "titanmm": {"bandwidth_bound_fraction": 0.756}, "peer": {}}
     batch1, batch32 = targets.evaluate(decode)
     assert batch1["met"] and batch32["met"] is False and batch32["shortfall"] == "88.7% more needed"
+    # With the call's roofline on titanmm's side: is 4x the peer's batch-32 rate attainable at all?
+    by_batch = {"titanmm": {"by_batch": {"32": {"tps_per_gpu": 4081.7, "roofline_tokens_per_s": 5420.0}}},
+                "peer": {"by_batch": {"32": {"tps_per_gpu": 1390.0}}}}
+    above = targets.evaluate({**decode, **by_batch, "ratio_by_batch": {"32": 4081.7 / 1390.0}})[1]
+    assert above["attainable"] is False and above["required_tokens_per_s"] == 5560.0
+    assert above["shortfall"] == ("36.2% more needed; 4x is 5,560 new tokens/s, 2.6% above the call's roofline "
+                                  "(5,420): unattainable against this run")
+    by_batch["peer"]["by_batch"]["32"]["tps_per_gpu"] = 1048.0
+    below = targets.evaluate({**decode, **by_batch, "ratio_by_batch": {"32": 4081.7 / 1048.0}})[1]
+    assert below["attainable"] is True and below["shortfall"] == "2.7% more needed"
 
 
 def test_update_in_place_profiles_and_readme_column(tmp_path):
