@@ -465,6 +465,35 @@ def vlm_flops_per_token(seq_len: int) -> float:
     return VLM_FLAVORS[VLM_FLAVOR].lm.training_flops_per_token(seq_len)
 
 
+# bf16 dense matmul rates measured on the lent GPUs (an 8192^3 product): ../shared/peers/README.md (H100) and the
+# device notes (H200). The ceiling of a workload whose FLOPs are all matmul-shaped.
+MEASURED_MATMUL_FLOPS = (("h100", 777e12), ("h200", 790e12))
+
+
+def measured_matmul_flops(device: str) -> float | None:
+    return next((rate for needle, rate in MEASURED_MATMUL_FLOPS if needle in device.lower()), None)
+
+
+def llava_stage1_flops_per_sample(seq_len: int) -> float:
+    """FLOPs one LLaVA stage-1 sample needs (the projector trained, the vision tower and the language model frozen):
+    the vision tower's forward through the blocks in use, the projector's forward and backward, and the language
+    model's forward and input-gradient backward: 4 x its parameters per token (no weight gradients) plus the whole
+    attention term (12 x layers x heads x head_dim x seq, whose backward the input gradients need)."""
+    from titanmm.models.vision.common import resolve_layer
+    from titanmm.models.vlm.flavors import VLM_FLAVORS
+
+    flavor = VLM_FLAVORS[VLM_FLAVOR]
+    vision, projector, lm = flavor.vision, flavor.projector, flavor.lm
+    patches = (vision.image_size // vision.patch_size) ** 2
+    tokens, width = patches + 1, vision.hidden_size  # with the class token
+    per_block = 2 * (4 * width * width + 2 * width * vision.intermediate_size) * tokens + 4 * tokens * tokens * width
+    vision_flops = resolve_layer(vision.select_layer, vision.num_layers) * per_block
+    projector_flops = 6 * (projector.vision_dim * projector.hidden_dim + projector.hidden_dim * projector.output_dim) \
+        * patches
+    lm_per_token = 4 * lm.num_params(include_embedding=False) + 12 * lm.n_layers * lm.n_heads * lm.head_dim * seq_len
+    return vision_flops + projector_flops + lm_per_token * seq_len
+
+
 def summarize_hf_llava(w: Workload, text: str, device: str) -> dict:
     hf = parse_hf_llava(text)
     if hf is None:
@@ -618,9 +647,14 @@ def summarize(w: Workload, outputs: dict[str, str], warmup: int, device: str, er
             sides[side] = read(outputs[side])
         except (ValueError, KeyError) as e:
             errors.setdefault(side, f"could not read the results: {e}")
-    if w.kind == "vlm" and sides["titanmm"] and sides["titanmm"]["tps_per_gpu"]:
-        sides["titanmm"]["samples_per_s"] = sides["titanmm"]["tps_per_gpu"] / w.seq_len
-    return sides, {}
+    extra = {}
+    if w.kind == "vlm":
+        if sides["titanmm"] and sides["titanmm"]["tps_per_gpu"]:
+            sides["titanmm"]["samples_per_s"] = sides["titanmm"]["tps_per_gpu"] / w.seq_len
+        extra["stage1_flops_per_sample"] = llava_stage1_flops_per_sample(w.seq_len)
+        if measured_matmul_flops(device):  # every FLOP at the measured matmul rate: no faster step exists
+            extra["ceiling_samples_per_s"] = measured_matmul_flops(device) / extra["stage1_flops_per_sample"]
+    return sides, extra
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,11 @@ assumes that communication stays hidden as the compute shrinks, so a real run st
 with the output layer in FP8 too, and with the blocks' GEMMs at the full FP8 ceiling (the bf16 GEMMs' measured rate
 given, FLOPs / M).
 
+A profiled step runs slower than an unprofiled one (the tracer's cost per kernel), so the profile's wall time and
+matmul share may not be the real step's: `--step-ms` (the unprofiled run's step time, e.g. tokens per step over
+tokens/s) gives a second reading, the matmul kernels at their profiled durations inside the real step; the truth
+lies between the two when the tracer's cost falls on the small kernels more than on the GEMMs.
+
 `BF16_KERNELS.txt` is a `rank{r}_kernels.txt` that titanmm's profiler wrote for one bf16 step
 (`[profiling] enable_profiling`), of a run that recomputes no matmul in backward (`op_all_matmuls` or no
 activation checkpointing), so that its matmul time is one forward and one backward of every linear.
@@ -67,10 +72,13 @@ def linear_params(args: TransformerArgs) -> tuple[int, int]:
 
 
 def fp8_bound(breakdown: dict[str, float], args: TransformerArgs, tokens_per_step: int,
-              fp8_speedup: float = FP8_MATMUL_CEILING / BF16_MATMUL_CEILING) -> dict:
-    """The FP8 / bf16 step-time bounds of the module docstring, per step."""
+              fp8_speedup: float = FP8_MATMUL_CEILING / BF16_MATMUL_CEILING, step_ms: float | None = None) -> dict:
+    """The FP8 / bf16 step-time bounds of the module docstring, per step (`step_ms`: the real step's time, in place
+    of the profiled wall time)."""
     steps = breakdown["steps"]
     wall, matmul = breakdown["wall"] / steps, breakdown["matmul"] / steps
+    if step_ms is not None:
+        wall = step_ms
     blocks, output = linear_params(args)
     block_share = blocks / (blocks + output)
     block_ms, output_ms = matmul * block_share, matmul * (1 - block_share)
@@ -96,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per GPU and step (seq_len x local batch)")
     parser.add_argument("--fp8-speedup", type=float, default=FP8_MATMUL_CEILING / BF16_MATMUL_CEILING,
                         help="FP8 / bf16 matmul throughput (default: the ceilings measured on an H100)")
+    parser.add_argument("--step-ms", type=float, default=None,
+                        help="the unprofiled run's step time: a second reading with the profiled matmul durations")
     parser.add_argument("--json", default=None, help="write the bound here")
     args = parser.parse_args(argv)
     model = LLAMA_FLAVORS[args.flavor]
@@ -105,19 +115,26 @@ def main(argv: list[str] | None = None) -> int:
         breakdown = read_breakdown(Path(args.kernels).read_text())
     except (OSError, ValueError) as e:
         parser.error(f"{args.kernels}: {e}")
-    bound = fp8_bound(breakdown, model, args.tokens, args.fp8_speedup)
-    print(f"bf16 step {bound['bf16_step_ms']:.1f} ms, matmuls {bound['matmul_ms']:.1f} ms "
+    readings = {"profiled_step": fp8_bound(breakdown, model, args.tokens, args.fp8_speedup)}
+    if args.step_ms is not None:
+        readings["real_step"] = fp8_bound(breakdown, model, args.tokens, args.fp8_speedup, args.step_ms)
+    for name, bound in readings.items():
+        _print(name, bound)
+    if args.json:
+        results_io.write_results({"kernels": Path(args.kernels).name, "flavor": args.flavor,
+                                  "n_layers": model.n_layers, "tokens_per_step": args.tokens,
+                                  "command": results_io.command_line("fp8_bound.py", argv),
+                                  "commit": results_io.commit(), **readings}, Path(args.json))
+    return 0
+
+
+def _print(reading: str, bound: dict) -> None:
+    print(f"{reading}: bf16 step {bound['bf16_step_ms']:.1f} ms, matmuls {bound['matmul_ms']:.1f} ms "
           f"(blocks' linears {bound['block_linear_ms']:.1f} at {bound['bf16_block_gemm_tflops']:.0f} TFLOP/s, "
           f"output layer {bound['output_layer_ms']:.1f})")
     print(f"FP8 / bf16 at most {bound['bound_ratio']:.3f}x (FP8 GEMMs {bound['fp8_speedup']:.2f}x faster); "
           f"{bound['bound_ratio_fp8_output_layer']:.3f}x with the output layer in FP8 too; "
           f"{bound['bound_ratio_fp8_at_ceiling']:.3f}x with the blocks' GEMMs at the full FP8 ceiling")
-    if args.json:
-        results_io.write_results({"kernels": Path(args.kernels).name, "flavor": args.flavor,
-                                  "n_layers": model.n_layers, "tokens_per_step": args.tokens,
-                                  "command": results_io.command_line("fp8_bound.py", argv),
-                                  "commit": results_io.commit(), **bound}, Path(args.json))
-    return 0
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def test_parse_hf_outputs():
 def test_summarize_vlm_counts_the_same_flops_on_both_sides():
     w = compare.WORKLOADS["llava_mistral_clip336_pretrain"]
     errors = {}
-    sides, _ = compare.summarize(w, {"titanmm": titanmm_jsonl(), "peer": HF_LLAVA}, 5, H100, errors)
+    sides, extra = compare.summarize(w, {"titanmm": titanmm_jsonl(), "peer": HF_LLAVA}, 5, H100, errors)
     assert errors == {}
     t, p = sides["titanmm"], sides["peer"]
     assert t["samples_per_s"] == pytest.approx(27007 / 1024)
@@ -113,6 +113,12 @@ def test_summarize_vlm_counts_the_same_flops_on_both_sides():
     flops = compare.vlm_flops_per_token(1024)
     assert p["tflops_per_gpu"] == pytest.approx(flops * 14413 / 1e12)
     assert p["mfu"] == pytest.approx(flops * 14413 / 989.4e12)
+    # The stage-1 step's own FLOPs (frozen LM: no weight gradients; vision tower forward only) at the H100's
+    # measured matmul rate bound the samples/s any trainer reaches.
+    stage1 = extra["stage1_flops_per_sample"]
+    lm_only = compare.vlm_flops_per_token(1024) * 1024
+    assert 0.6 * lm_only < stage1 < 0.75 * lm_only
+    assert extra["ceiling_samples_per_s"] == pytest.approx(777e12 / stage1)
 
 
 def test_summarize_decode_with_the_bandwidth_bound():
