@@ -112,10 +112,15 @@ def test_fused_projections(flavor):
     keys_before = list(model.state_dict())
     attention, feed_forward = model.layers["0"].attention, model.layers["0"].feed_forward
     qkv, w13 = (attention.wq, attention.wk, attention.wv), (feed_forward.w1, feed_forward.w3)
+
+    def both_fused() -> bool:
+        return (still_fused(qkv, attention.wqkv_weight, attention.wqkv_bias)
+                and still_fused(w13, feed_forward.w13_weight))
+
     with model.fused_projections():
         with torch.inference_mode():  # as in generate
             torch.testing.assert_close(model(ids), expected, rtol=1e-12, atol=1e-12)
-        assert still_fused(attention.wqkv_weight, qkv) and still_fused(feed_forward.w13_weight, w13)
+        assert both_fused()
         assert not attention.wqkv_weight.is_inference() and not feed_forward.w13_weight.is_inference()
         assert all(p is params_before[n] for n, p in model.named_parameters())
         assert list(model.state_dict()) == keys_before
@@ -131,9 +136,18 @@ def test_fused_projections(flavor):
     replaced = {"layers.0.attention.wk.weight": torch.randn_like(attention.wk.weight),
                 "layers.0.feed_forward.w1.weight": torch.randn_like(feed_forward.w1.weight)}
     model.load_state_dict(replaced, strict=False, assign=True)  # sharing ends
-    assert not still_fused(attention.wqkv_weight, qkv) and not still_fused(feed_forward.w13_weight, w13)
+    assert not still_fused(qkv, attention.wqkv_weight, attention.wqkv_bias)
+    assert not still_fused(w13, feed_forward.w13_weight)
     with torch.no_grad():
         unfused = model(ids)  # outside the context: the new weights, whatever the fused tensors hold
         with model.fused_projections():
-            assert still_fused(attention.wqkv_weight, qkv) and still_fused(feed_forward.w13_weight, w13)
+            assert both_fused()  # fused again on entry
             torch.testing.assert_close(model(ids), unfused, rtol=1e-12, atol=1e-12)
+    if attention.wq.bias is not None:  # a replaced bias alone ends the sharing too
+        model.load_state_dict({"layers.0.attention.wv.bias": torch.randn_like(attention.wv.bias)}, strict=False,
+                              assign=True)
+        assert not still_fused(qkv, attention.wqkv_weight, attention.wqkv_bias)
+        with torch.no_grad():
+            unfused = model(ids)
+            with model.fused_projections():
+                torch.testing.assert_close(model(ids), unfused, rtol=1e-12, atol=1e-12)

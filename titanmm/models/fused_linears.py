@@ -4,7 +4,7 @@ At small batches a decode step is memory-bound, and one matmul over the concaten
 than one matmul each (Llama 3 8B at batch 32 on an H100: q, k, v separately 0.084 ms a block, fused 0.041; w1 and
 w3 0.114 against 0.101; `benchmarks/fused_projections.py`). `fuse_linears` stores the weights (and biases) of such
 linears in one tensor of which their parameters become views: the same Parameter objects, so the state dict,
-optimizers and in-place updates are unchanged and reach both. Replacing a weight (`to()`, `load_state_dict(...,
+optimizers and in-place updates are unchanged and reach both. Replacing a weight or bias (`to()`, `load_state_dict(...,
 assign=True)`) ends the sharing, which `still_fused` detects. Plain tensors only: tensor-parallel or FSDP DTensors
 are left alone.
 """
@@ -37,7 +37,13 @@ def fuse_linears(linears: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tens
     return fused_parts[0], fused_parts[1]
 
 
-def still_fused(fused_weight: torch.Tensor | None, linears: Sequence[nn.Linear]) -> bool:
-    """Whether every weight of `linears` is (still) a view of `fused_weight`."""
+def still_fused(linears: Sequence[nn.Linear], fused_weight: torch.Tensor | None,
+                fused_bias: torch.Tensor | None = None) -> bool:
+    """Whether every weight (and bias) of `linears` is (still) a view of `fused_weight` (and `fused_bias`)."""
+    def shares(tensor: torch.Tensor | None, fused: torch.Tensor | None) -> bool:
+        if tensor is None or fused is None:
+            return tensor is None and fused is None
+        return tensor.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+
     return fused_weight is not None and all(
-        linear.weight.untyped_storage().data_ptr() == fused_weight.untyped_storage().data_ptr() for linear in linears)
+        shares(linear.weight, fused_weight) and shares(linear.bias, fused_bias) for linear in linears)

@@ -65,7 +65,7 @@ class Attention(nn.Module):
     def fuse_projections(self) -> None:
         """Make wq, wk and wv views of `wqkv_weight` (again, where a weight was replaced since)."""
         projections = (self.wq, self.wk, self.wv)
-        if not still_fused(self.wqkv_weight, projections):
+        if not still_fused(projections, self.wqkv_weight, self.wqkv_bias):
             self.wqkv_weight, self.wqkv_bias = fuse_linears(projections)
 
 
@@ -88,7 +88,7 @@ class FeedForward(nn.Module):
 
     def fuse_projections(self) -> None:
         """Make w1 and w3 views of `w13_weight` (again, where a weight was replaced since)."""
-        if not still_fused(self.w13_weight, (self.w1, self.w3)):
+        if not still_fused((self.w1, self.w3), self.w13_weight):
             self.w13_weight, _ = fuse_linears((self.w1, self.w3))
 
 
