@@ -183,17 +183,18 @@ def profile_call(model, batch: int, prompt_len: int, new_tokens: int, folder: Pa
 
 
 def _without_fused(module_name: str):
-    """Keep generate's fused projections off in one kind of module (`attention` or `feed_forward`)."""
-    fused_projections = Transformer.fused_projections
-
-    @contextlib.contextmanager
-    def without(self):
-        with fused_projections(self):
-            for layer in self.layers.values():
-                getattr(layer, module_name).use_fused_projections = False
-            yield
-
+    """Keep generate's fused projections off in one kind of module (`attention` or `feed_forward`); ablations
+    applied one after the other wrap each other, so `--without fused_qkv fused_w13` turns both off."""
     def apply():
+        fused_projections = Transformer.fused_projections  # as patched by the ablations applied before
+
+        @contextlib.contextmanager
+        def without(self):
+            with fused_projections(self):
+                for layer in self.layers.values():
+                    getattr(layer, module_name).use_fused_projections = False
+                yield
+
         Transformer.fused_projections = without
     return apply
 

@@ -1,5 +1,6 @@
-"""Timing on one device, shared by the benchmark scripts: the median of repeated calls, the bandwidth of a
-device-to-device copy and the FLOP rate of a matmul (the two ceilings a roofline is drawn from)."""
+"""Timing on one device, shared by the benchmark scripts: the median of repeated calls (host clock, or CUDA
+events for short kernels), the bandwidth of a device-to-device copy and the FLOP rate of a matmul (the two ceilings
+a roofline is drawn from)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,22 @@ def median_seconds(fn, device: torch.device, warmup: int = 2, iters: int = 10) -
         synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def median_event_ms(fn, iters: int, warmup: int = 3) -> float:
+    """Median milliseconds of `fn()` on the current CUDA stream over `iters` calls after `warmup` untimed ones, each
+    timed by CUDA events around it (for short kernels, where a host clock would count the launch)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 

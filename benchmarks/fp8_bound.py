@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 import sys
 from pathlib import Path
@@ -40,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_io  # noqa: E402
+from fp8_gemm_shapes import block_linears  # noqa: E402
 from titanmm.models.llama import LLAMA_FLAVORS, TransformerArgs  # noqa: E402
 
 BF16_MATMUL_CEILING, FP8_MATMUL_CEILING = 777e12, 1422e12  # FLOP/s, one H100 (../shared/peers/README.md)
@@ -66,8 +66,7 @@ def read_breakdown(text: str) -> dict[str, float]:
 
 def linear_params(args: TransformerArgs) -> tuple[int, int]:
     """(parameters of all blocks' linear layers, parameters of the output layer)."""
-    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    per_block = args.dim * (q + 2 * kv) + q * args.dim + 3 * args.dim * args.ffn_hidden_dim
+    per_block = sum(fan_in * fan_out for fan_in, fan_out in block_linears(args).values())
     return args.n_layers * per_block, args.vocab_size * args.dim
 
 

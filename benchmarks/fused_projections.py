@@ -13,29 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from device_timing import median_event_ms  # noqa: E402
+
 DIM, KV_DIM, HIDDEN, LAYERS = 4096, 1024, 14336, 32
 GROUPS = {"qkv": [DIM, KV_DIM, KV_DIM], "w1_w3": [HIDDEN, HIDDEN]}  # output widths of projections of one input
-
-
-def time_ms(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def separate(x, weights, grads_out):
@@ -81,14 +69,14 @@ def main(argv: list[str] | None = None) -> int:
             with torch.set_grad_enabled(train):
                 fn(x, weights, grads_out)
 
-        ms_separate = time_ms(lambda: run(separate), args.iters)
-        ms_fused = time_ms(lambda: run(fused), args.iters)
+        ms_separate = median_event_ms(lambda: run(separate), args.iters)
+        ms_fused = median_event_ms(lambda: run(fused), args.iters)
         row = {"group": group, "separate_ms": ms_separate, "fused_ms": ms_fused,
                "saved_per_step_ms": (ms_separate - ms_fused) * LAYERS}
         line = f"{group:<8} {ms_separate:>12.3f} {ms_fused:>10.3f} {(ms_separate - ms_fused) * LAYERS:>18.1f}"
         if args.forward_only:
             fused_weight = torch.cat(weights)
-            row["pre_fused_ms"] = time_ms(lambda: fused_weights_ready(x, fused_weight, widths), args.iters)
+            row["pre_fused_ms"] = median_event_ms(lambda: fused_weights_ready(x, fused_weight, widths), args.iters)
             line += f" {row['pre_fused_ms']:>13.3f}"
         rows.append(row)
         print(line)

@@ -64,3 +64,20 @@ def test_flavor_must_belong_to_the_model(capsys):
     with pytest.raises(SystemExit):
         decode_throughput.main(["--model", "vlm", "--flavor", "debug", "--device", "cpu"])
     assert "not a vlm flavor" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ablations", [["fused_qkv"], ["fused_w13"], ["fused_qkv", "fused_w13"]])
+def test_ablations_turn_off_their_fused_projections(monkeypatch, ablations):
+    """--without NAME...: inside generate's fused_projections, the named kinds of projection run separately, and
+    ablations given together each take effect."""
+    from titanmm.models.llama import LLAMA_FLAVORS, Transformer
+
+    monkeypatch.setattr(Transformer, "fused_projections", Transformer.fused_projections)  # restored afterwards
+    for name in ablations:
+        decode_throughput.ABLATIONS[name]()
+    model = Transformer(LLAMA_FLAVORS["debug"])
+    layer = model.layers["0"]
+    with model.fused_projections():
+        assert layer.attention.use_fused_projections is ("fused_qkv" not in ablations)
+        assert layer.feed_forward.use_fused_projections is ("fused_w13" not in ablations)
+    assert not layer.attention.use_fused_projections and not layer.feed_forward.use_fused_projections

@@ -54,9 +54,11 @@ def test_bound_of_a_recorded_profile(tmp_path):
 
 
 def test_gemm_shapes_cover_a_block():
-    rows = fp8_gemm_shapes.products(8192)
-    assert len(rows) == 21
-    block_params = sum(fan_in * fan_out for fan_in, fan_out in fp8_gemm_shapes.LINEARS.values())
+    args = LLAMA_FLAVORS["llama3_8b"]
+    rows = fp8_gemm_shapes.products(args, 8192)
+    assert len(rows) == 21 and ("k forward", 8192, 4096, 1024) in rows and ("w2 weight grad", 4096, 8192, 14336) in rows
+    # forward + both backward products: 6 FLOPs per parameter and token, the count fp8_bound.py splits time by
+    block_params = fp8_bound.linear_params(args)[0] // args.n_layers
     assert sum(2 * m * k * n for _, m, k, n in rows) == 6 * block_params * 8192
     x = torch.randn(256, 64)
     x8, inverse_scale = fp8_gemm_shapes.to_fp8(x)
